@@ -1,0 +1,16 @@
+"""MASS: many fine-tuned CLIP vision encoders served as one (arXiv 2504.05342)."""
+from .checkpoints import CheckpointError
+from .decompose import LowRankFactors, TaskDecomposition, decompose
+from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention
+from .merging import MERGE_METHODS, task_arithmetic, ties_merging, tsv_merge
+from .model import Classification, MASSModel, extract_embedding, merge
+from .router import RouterConfig, Routing, select_tasks
+from .serialization import SavedModelError
+
+__all__ = [
+    "CheckpointError", "Classification", "LowRankFactors", "MASSConv2d", "MASSLayerNorm", "MASSLinear",
+    "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
+    "TaskDecomposition", "decompose", "extract_embedding", "merge", "select_tasks", "task_arithmetic",
+    "ties_merging", "tsv_merge",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""Where things live in the supported CLIP vision encoders, and swapping their layers for MASS layers.
+
+Supported: HF transformers ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPModel.vision_model``
+and the open_clip ``VisionTransformer`` structure (``conv1``, ``class_embedding``, ``positional_embedding``,
+``ln_pre``, ``transformer.resblocks[i]`` with ``attn`` an ``nn.MultiheadAttention`` batch-first or
+sequence-first and ``mlp.c_fc``/``mlp.c_proj``, ``ln_post``, ``proj``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention, PassState
+
+
+@dataclass
+class Architecture:
+    kind: str  # "hf" or "open_clip"
+    root_name: str  # module path of the vision transformer inside the wrapped model ("" = the model)
+    root: nn.Module
+    blocks: list  # the transformer blocks, in order
+    block_names: list  # their module paths inside the wrapped model
+    batch_axes: list  # per block: batch axis of activations inside it
+    fc1: list  # per block: the MLP's first linear (its input is the routing feature)
+    token_keys: dict = field(default_factory=dict)  # "cls"/"pos" -> state-dict key of those raw params
+    pre_norm: Optional[nn.Module] = None  # token deltas are added to its input
+    proj_key: Optional[str] = None  # open_clip's raw ``proj`` parameter, if any
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def detect(model: nn.Module) -> Architecture:
+    """Recognise the encoder structure; a clear error otherwise."""
+    if hasattr(model, "text_model") or (hasattr(model, "visual") and hasattr(model, "token_embedding")):
+        raise TypeError(
+            "pass the vision tower only: CLIPModel.vision_model (or CLIPVisionModelWithProjection), "
+            "or open_clip's model.visual"
+        )
+    root_name, root = "", model
+    if hasattr(model, "vision_model") and hasattr(model.vision_model, "encoder"):
+        root_name, root = "vision_model", model.vision_model
+    if hasattr(root, "encoder") and hasattr(root, "embeddings") and hasattr(root, "pre_layrnorm"):
+        layers = list(root.encoder.layers)
+        emb = _join(root_name, "embeddings")
+        return Architecture(
+            kind="hf", root_name=root_name, root=root, blocks=layers,
+            block_names=[_join(root_name, "encoder.layers", str(i)) for i in range(len(layers))],
+            batch_axes=[0] * len(layers), fc1=[blk.mlp.fc1 for blk in layers],
+            token_keys={"cls": _join(emb, "class_embedding"), "pos": _join(emb, "position_embedding.weight")},
+            pre_norm=root.pre_layrnorm,
+        )
+    if hasattr(model, "transformer") and hasattr(model.transformer, "resblocks") and hasattr(model, "conv1"):
+        if getattr(model, "attn_pool", None) is not None:
+            raise NotImplementedError("open_clip attentional pooling (attn_pool) is not supported")
+        blocks = list(model.transformer.resblocks)
+        return Architecture(
+            kind="open_clip", root_name="", root=model, blocks=blocks,
+            block_names=[f"transformer.resblocks.{i}" for i in range(len(blocks))],
+            batch_axes=[0 if blk.attn.batch_first else 1 for blk in blocks], fc1=[blk.mlp.c_fc for blk in blocks],
+            token_keys={"cls": "class_embedding", "pos": "positional_embedding"},
+            pre_norm=model.ln_pre, proj_key="proj" if getattr(model, "proj", None) is not None else None,
+        )
+    raise TypeError(
+        f"unsupported model {type(model).__name__}: expected a HF CLIP vision model or an open_clip-style "
+        f"VisionTransformer (conv1, transformer.resblocks, ln_pre)"
+    )
+
+
+def block_of(arch: Architecture, module_name: str) -> Optional[int]:
+    """Index of the block containing ``module_name``, or None if outside the blocks."""
+    for i, name in enumerate(arch.block_names):
+        if module_name == name or module_name.startswith(name + "."):
+            return i
+    return None
+
+
+def install_layers(model: nn.Module, arch: Architecture, state: PassState) -> dict[str, nn.Module]:
+    """Replace Linear / LayerNorm / Conv2d / MultiheadAttention in place; returns module path -> MASS layer."""
+    replaced: dict[str, nn.Module] = {}
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.MultiheadAttention, nn.Linear, nn.LayerNorm, nn.Conv2d)):
+            targets.append((name, module))
+    for name, module in targets:
+        if name in replaced:
+            continue  # out_proj of a replaced attention module: already wrapped by it
+        parent_name, _, child = name.rpartition(".")
+        blk = block_of(arch, name)
+        axis = 0 if blk is None else arch.batch_axes[blk]
+        if isinstance(module, nn.MultiheadAttention):
+            new = MASSMultiheadAttention(module, state, axis)
+            replaced[_join(name, "out_proj")] = new.out_proj
+        elif isinstance(module, nn.Linear):
+            new = MASSLinear.from_linear(module, state, axis)
+        elif isinstance(module, nn.LayerNorm):
+            new = MASSLayerNorm(module, state, axis)
+        else:
+            new = MASSConv2d(module, state)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        replaced[name] = new
+    # fc1 handles must point at the new modules
+    for i, blk_name in enumerate(arch.block_names):
+        fc1_name = _join(blk_name, "mlp.fc1" if arch.kind == "hf" else "mlp.c_fc")
+        arch.fc1[i] = replaced[fc1_name]
+    if arch.pre_norm is not None:
+        arch.pre_norm = replaced[_join(arch.root_name, "pre_layrnorm" if arch.kind == "hf" else "ln_pre")]
+    return replaced

@@ -1,0 +1,280 @@
+"""Drop-in, task-conditioned replacements for the layers of a CLIP vision encoder.
+
+Every layer keeps the wrapped layer's parameters under their original names (so ``state_dict`` keys do not
+change) and holds, as non-persistent buffers, what MASS adds: the TSV-merged weights used by the first pass
+(only where the first pass runs) and a bank of per-entry deltas used by the second pass. An *entry* is one
+task's block, or one slot of a cached multi-task TSV-M block (MASS.md §4). A shared :class:`PassState`
+tells every layer which weights the current forward uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mass_kernels
+
+MODES = ("base", "merged", "tasks")
+
+
+class PassState:
+    """Which weights the current forward uses: ``base`` (θ0), ``merged`` (TSV-M), ``tasks`` (θ0 + per-sample
+    entries). In ``tasks`` mode, ``entries`` (B, K) index the layers' banks (-1 = none) with ``weights`` (B, K)."""
+
+    def __init__(self):
+        self.mode = "merged"
+        self.entries: Optional[torch.Tensor] = None
+        self.weights: Optional[torch.Tensor] = None
+        self._row_cache: dict = {}
+
+    @contextlib.contextmanager
+    def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        saved = (self.mode, self.entries, self.weights, self._row_cache)
+        self.mode, self.entries, self.weights, self._row_cache = mode, entries, weights, {}
+        try:
+            yield self
+        finally:
+            self.mode, self.entries, self.weights, self._row_cache = saved
+
+    @property
+    def batch_size(self) -> int:
+        return self.entries.shape[0]
+
+    def rows(self, lead_shape: tuple, batch_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row entries and weights for an activation whose leading dims are ``lead_shape``."""
+        key = (tuple(lead_shape), batch_axis)
+        if key not in self._row_cache:
+            B = self.batch_size
+            if lead_shape[batch_axis] != B:
+                raise RuntimeError(
+                    f"activation of shape {tuple(lead_shape)} has no batch of {B} samples on axis {batch_axis}"
+                )
+            view = [1] * len(lead_shape)
+            view[batch_axis] = B
+            sample = torch.arange(B, device=self.entries.device).view(view).expand(lead_shape).reshape(-1)
+            self._row_cache[key] = (self.entries.index_select(0, sample), self.weights.index_select(0, sample))
+        return self._row_cache[key]
+
+    def sample_delta(self, bank: torch.Tensor) -> torch.Tensor:
+        """Σ_j w_j bank[e_j] per sample: (B, *bank.shape[1:]). Slots with entry -1 add nothing."""
+        valid = self.entries >= 0
+        picked = bank[self.entries.clamp_min(0)]  # (B, K, *shape)
+        w = (self.weights * valid).to(bank.dtype).view(*self.entries.shape, *([1] * (bank.dim() - 1)))
+        return (picked * w).sum(1)
+
+
+def _broadcast_samples(values: torch.Tensor, ndim: int, batch_axis: int) -> torch.Tensor:
+    """Reshape per-sample (B, D) values to broadcast against an activation of ``ndim`` dims."""
+    shape = [1] * ndim
+    shape[batch_axis] = values.shape[0]
+    shape[-1] = values.shape[-1]
+    return values.view(shape)
+
+
+def _copy_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().clone()
+
+
+class _TaskModule(nn.Module):
+    """Buffers shared by all task-conditioned layers: merged values and per-entry banks."""
+
+    def _init_task_buffers(self, state: PassState, batch_axis: int, names: tuple[str, ...]):
+        self.state = state
+        self.batch_axis = batch_axis
+        for name in names:
+            self.register_buffer(name, None, persistent=False)
+
+    def _require_merged(self):
+        if self.merged_weight is None:
+            raise RuntimeError(
+                f"{type(self).__name__} holds no merged weights: the first pass does not reach this layer "
+                f"(build with keep_merged='all' to run the whole TSV-M model)"
+            )
+
+
+class MASSLinear(_TaskModule):
+    """``nn.Linear`` replacement: ``x W0ᵀ + b0`` plus the selected entries' low-rank blocks and bias deltas."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], state: PassState, batch_axis: int = 0):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        if bias is None or isinstance(bias, nn.Parameter):
+            self.bias = bias
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        self._init_task_buffers(
+            state, batch_axis, ("merged_weight", "merged_bias", "task_U", "task_S", "task_V", "task_bias")
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, state: PassState, batch_axis: int = 0) -> "MASSLinear":
+        return cls(linear.weight, linear.bias, state, batch_axis)
+
+    def extra_repr(self) -> str:
+        entries = 0 if self.task_S is None else self.task_S.shape[0]
+        rank = 0 if self.task_S is None else self.task_S.shape[1]
+        return f"in_features={self.in_features}, out_features={self.out_features}, entries={entries}, rank={rank}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "base":
+            return F.linear(x, self.weight, self.bias)
+        if mode == "merged":
+            self._require_merged()
+            return F.linear(x, self.merged_weight, self.merged_bias)
+        lead = x.shape[:-1]
+        row_entries, row_weights = self.state.rows(lead, self.batch_axis)
+        y = mass_kernels.lowrank_linear(
+            x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
+            row_entries, row_weights.to(torch.float32), self.task_bias,
+        )
+        return y.view(*lead, self.out_features)
+
+
+class MASSLayerNorm(_TaskModule):
+    """``nn.LayerNorm`` replacement with per-sample affine parameters in the second pass."""
+
+    def __init__(self, ln: nn.LayerNorm, state: PassState, batch_axis: int = 0):
+        super().__init__()
+        self.normalized_shape = ln.normalized_shape
+        self.eps = ln.eps
+        self.elementwise_affine = ln.elementwise_affine
+        if not ln.elementwise_affine or ln.weight is None or ln.bias is None:
+            raise NotImplementedError("MASSLayerNorm needs a LayerNorm with weight and bias")
+        self.weight, self.bias = ln.weight, ln.bias
+        self._init_task_buffers(state, batch_axis, ("merged_weight", "merged_bias", "task_weight", "task_bias"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "base":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if mode == "merged":
+            self._require_merged()
+            return F.layer_norm(x, self.normalized_shape, self.merged_weight, self.merged_bias, self.eps)
+        normed = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        w = self.weight + self.state.sample_delta(self.task_weight)
+        b = self.bias + self.state.sample_delta(self.task_bias)
+        axis = self.batch_axis if x.dim() > 2 else 0
+        return normed * _broadcast_samples(w, x.dim(), axis).to(x.dtype) + _broadcast_samples(b, x.dim(), axis).to(
+            x.dtype
+        )
+
+
+class MASSConv2d(_TaskModule):
+    """``nn.Conv2d`` replacement (the patch embedding): the 4-D task deltas are kept whole (MASS.md §1)."""
+
+    def __init__(self, conv: nn.Conv2d, state: PassState):
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(conv, name))
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError("MASSConv2d supports padding_mode='zeros' only")
+        self.weight, self.bias = conv.weight, conv.bias
+        self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias"))
+
+    def _conv(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "base":
+            return self._conv(x, self.weight, self.bias)
+        if mode == "merged":
+            self._require_merged()
+            return self._conv(x, self.merged_weight, self.merged_bias)
+        y = self._conv(x, self.weight, self.bias)
+        entries, weights = self.state.entries, self.state.weights
+        # One conv per bank entry over the samples that use it (rows grouped on the device).
+        for e in range(self.task_weight.shape[0]):
+            coef = (weights * (entries == e)).sum(1)
+            rows = coef.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            b = None if self.task_bias is None else self.task_bias[e]
+            delta = self._conv(x.index_select(0, rows), self.task_weight[e], b)
+            y = y.index_add(0, rows, delta * coef.index_select(0, rows).to(y.dtype).view(-1, 1, 1, 1))
+        return y
+
+
+class MASSMultiheadAttention(_TaskModule):
+    """``nn.MultiheadAttention`` replacement (open_clip): the fused ``in_proj_weight`` runs through the same
+    low-rank op as :class:`MASSLinear`; ``out_proj`` becomes a :class:`MASSLinear`. Self-attention only."""
+
+    def __init__(self, mha: nn.MultiheadAttention, state: PassState, batch_axis: int):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise NotImplementedError("separate q/k/v projection weights in nn.MultiheadAttention are not supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise NotImplementedError("add_bias_kv / add_zero_attn are not supported")
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        self._qkv_same_embed_dim = True
+        self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = MASSLinear(mha.out_proj.weight, mha.out_proj.bias, state, batch_axis)
+        # ``in_proj`` shares in_proj_weight/bias; it stays out of the module tree so state_dict keys do not change.
+        object.__setattr__(self, "in_proj", MASSLinear(mha.in_proj_weight, mha.in_proj_bias, state, batch_axis))
+        self._init_task_buffers(state, batch_axis, ())
+
+    def _apply(self, fn, recurse=True):  # keep the hidden in_proj wrapper's buffers in step with .to()/.half()
+        super()._apply(fn, recurse)
+        self.in_proj._apply(fn, recurse)
+        self.in_proj.weight, self.in_proj.bias = self.in_proj_weight, self.in_proj_bias
+        return self
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not ((key is None or key is query) and (value is None or value is query)):
+            raise NotImplementedError("MASSMultiheadAttention supports self-attention only (query is key is value)")
+        x = query if self.batch_first else query.transpose(0, 1)  # (B, S, D)
+        B, S, D = x.shape
+        qkv = self.in_proj(query)
+        if not self.batch_first:
+            qkv = qkv.transpose(0, 1)
+        q, k, v = qkv.view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = self._merge_masks(attn_mask, key_padding_mask, B, S, q.dtype)
+        if need_weights:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            if is_causal:
+                causal = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            attn = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            probs = None
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and mask is None,
+            )
+        out = attn.transpose(1, 2).reshape(B, S, D)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        out = self.out_proj(out)
+        if probs is not None and average_attn_weights:
+            probs = probs.mean(1)
+        return out, probs
+
+    @staticmethod
+    def _merge_masks(attn_mask, key_padding_mask, B, S, dtype):
+        mask = None
+        if attn_mask is not None:
+            m = attn_mask
+            if m.dtype == torch.bool:
+                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+            mask = m.view(B, -1, S, S) if m.dim() == 3 else m.view(1, 1, S, S)
+            mask = mask.to(dtype)
+        if key_padding_mask is not None:
+            kp = key_padding_mask
+            if kp.dtype == torch.bool:
+                kp = torch.zeros(kp.shape, dtype=dtype, device=kp.device).masked_fill(kp, float("-inf"))
+            kp = kp.view(B, 1, 1, S).to(dtype)
+            mask = kp if mask is None else mask + kp
+        return mask

@@ -1,0 +1,100 @@
+"""The data-free projection router of MASS (MASS.md §3): residual of a feature against each task's subspace."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_TOKENS = ("cls", "mean")
+_MODES = ("top1", "topk", "weighted")
+
+
+@dataclass
+class RouterConfig:
+    """How MASS routes. ``layer=None`` picks the paper's block (9 of 12, 20 of 24, else 3/4 of the depth).
+
+    mode: ``top1`` (argmax), ``topk`` (standardise scores over tasks, softmax with ``temperature``, keep tasks
+    whose weight exceeds ``threshold``, at most ``max_tasks``, argmax if none; the second pass applies TSV-M
+    over the selected set), ``weighted`` (softmax of the scores / ``temperature``; the ``max_tasks`` largest
+    weights are kept, renormalised, and the blocks are summed with those weights — our reading of the mode).
+    ``batch_level`` averages residuals over the batch and takes one decision for all samples.
+    """
+
+    layer: Optional[int] = None
+    token: str = "cls"
+    mode: str = "topk"
+    threshold: float = 0.2
+    max_tasks: int = 2
+    temperature: float = 1.0
+    batch_level: bool = False
+
+    def __post_init__(self):
+        if self.token not in _TOKENS:
+            raise ValueError(f"RouterConfig.token must be one of {_TOKENS}, got {self.token!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"RouterConfig.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"RouterConfig.layer must be a block index >= 0, got {self.layer!r}")
+        if not isinstance(self.max_tasks, int) or self.max_tasks < 1:
+            raise ValueError(f"RouterConfig.max_tasks must be an int >= 1, got {self.max_tasks!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"RouterConfig.temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"RouterConfig.threshold must lie in [0, 1), got {self.threshold!r}")
+
+    @property
+    def slots(self) -> int:
+        """Tasks a sample can select (the K of the second pass)."""
+        return 1 if self.mode == "top1" else self.max_tasks
+
+    def resolved_layer(self, n_blocks: int) -> int:
+        layer = default_layer(n_blocks) if self.layer is None else self.layer
+        if layer >= n_blocks:
+            raise ValueError(f"router layer {layer} does not exist: the encoder has {n_blocks} blocks (0-based)")
+        return layer
+
+
+def default_layer(n_blocks: int) -> int:
+    return {12: 9, 24: 20}.get(n_blocks, int(0.75 * n_blocks))
+
+
+@dataclass
+class Routing:
+    """Per-sample routing: selected task ids (B, K) padded with -1, their weights (B, K), residuals (B, T)."""
+
+    task_ids: torch.Tensor
+    weights: torch.Tensor
+    residuals: Optional[torch.Tensor] = None
+
+    def names(self, tasks: list[str]) -> list[list[str]]:
+        return [[tasks[t] for t in row if t >= 0] for row in self.task_ids.tolist()]
+
+
+def select_tasks(residuals: torch.Tensor, config: RouterConfig) -> Routing:
+    """Turn residual norms (B, T) into a :class:`Routing` following ``config.mode``. Runs on the device."""
+    scores = -residuals.float()
+    if config.batch_level:
+        scores = scores.mean(0, keepdim=True).expand_as(scores)
+    B, T = scores.shape
+    K = min(config.slots, T)
+    if config.mode == "top1" or T == 1:
+        ids = scores.argmax(1, keepdim=True)
+        weights = torch.ones_like(ids, dtype=torch.float32)
+    elif config.mode == "topk":
+        z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
+        probs = torch.softmax(z / config.temperature, dim=1)
+        top_w, top_ids = probs.topk(K, dim=1)
+        keep = top_w > config.threshold
+        keep[:, 0] = True  # argmax when nothing clears the threshold
+        ids = torch.where(keep, top_ids, torch.full_like(top_ids, -1))
+        weights = keep.float() / keep.sum(1, keepdim=True)
+    else:  # weighted
+        probs = torch.softmax(scores / config.temperature, dim=1)
+        top_w, ids = probs.topk(K, dim=1)
+        weights = top_w / top_w.sum(1, keepdim=True)
+    if K < config.slots:
+        pad = config.slots - K
+        ids = torch.cat([ids, ids.new_full((B, pad), -1)], 1)
+        weights = torch.cat([weights, weights.new_zeros((B, pad))], 1)
+    return Routing(task_ids=ids, weights=weights, residuals=residuals)
