@@ -1,0 +1,160 @@
+"""Model-level features against direct computations (fine-tuned models, forced tasks, TSV-M over a set)."""
+import copy
+
+import pytest
+import torch
+
+import mass
+from mass.merging import tsv_merge_from_decomposition
+from mass.model import extract_embedding
+
+from conftest import build_model, make_setup
+
+
+def emb(out):
+    return extract_embedding(out)
+
+
+def test_full_rank_forced_task_reproduces_finetuned(arch, images):
+    pretrained, finetuned, reference = make_setup(arch)
+    model = mass.merge(pretrained, finetuned, rank=1.0, router=mass.RouterConfig(layer=2), progress=False)
+    for t, name in enumerate(model.tasks):
+        reference.load_state_dict(finetuned[name])
+        want = emb(reference(images))
+        got = emb(model(images, task_ids=torch.full((images.shape[0],), t)))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        by_name = emb(model(images, task_ids=[name] * images.shape[0]))
+        torch.testing.assert_close(by_name, got)
+
+
+def test_zero_deltas_reproduce_pretrained(arch, images):
+    pretrained = build_model(arch)
+    reference = copy.deepcopy(pretrained)
+    same = {f"t{i}": copy.deepcopy(pretrained.state_dict()) for i in range(3)}
+    model = mass.merge(pretrained, same, router=mass.RouterConfig(layer=1), progress=False)
+    torch.testing.assert_close(emb(model(images)), emb(reference(images)), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["top1", "topk", "weighted"])
+def test_mixed_batch_equals_per_sample_forced(arch, images, mode):
+    pretrained, finetuned, _ = make_setup(arch, n_tasks=4, scale=0.2)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=2, mode=mode, threshold=0.1),
+                       progress=False)
+    # Force a mix: routed rows plus explicit sets, including a two-task set and a no-task row.
+    out, routing = model(images, return_routing=True)
+    assert routing.task_ids.shape == (images.shape[0], model.router_config.slots)
+    for i in range(images.shape[0]):
+        ids = routing.task_ids[i : i + 1]
+        if mode == "weighted":
+            continue  # weighted rows are not a set; checked below against a direct computation
+        single = model(images[i : i + 1], task_ids=ids)
+        torch.testing.assert_close(emb(out)[i : i + 1], emb(single), atol=2e-5, rtol=1e-4)
+    forced = torch.tensor([[0, -1], [1, 3], [-1, -1], [2, -1], [3, 0], [1, -1]])
+    batch = emb(model(images, task_ids=forced))
+    for i in range(images.shape[0]):
+        single = emb(model(images[i : i + 1], task_ids=forced[i : i + 1]))
+        torch.testing.assert_close(batch[i : i + 1], single, atol=2e-5, rtol=1e-4)
+
+
+def test_task_set_applies_tsv_merge_over_the_set(arch, images):
+    pretrained, finetuned, reference = make_setup(arch, n_tasks=4)
+    dec = mass.decompose(pretrained, finetuned, progress=False)
+    model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=2))
+    reference.load_state_dict(tsv_merge_from_decomposition(dec, tasks=[1, 3]))
+    got = emb(model(images, task_ids=torch.tensor([[3, 1]] * images.shape[0])))
+    torch.testing.assert_close(got, emb(reference(images)), atol=3e-5, rtol=1e-4)
+    reference.load_state_dict(dec.task_state_dict(2))
+    got = emb(model(images, task_ids=torch.tensor([2] * images.shape[0])))
+    torch.testing.assert_close(got, emb(reference(images)), atol=3e-5, rtol=1e-4)
+
+
+def test_weighted_mode_sums_blocks_with_routing_weights(images):
+    pretrained, finetuned, reference = make_setup("hf", n_tasks=3)
+    dec = mass.decompose(pretrained, finetuned, progress=False)
+    model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=2, mode="weighted", max_tasks=2))
+    out, routing = model(images[:1], return_routing=True)
+    (t0, t1), (w0, w1) = routing.task_ids[0].tolist(), routing.weights[0].tolist()
+    assert abs(w0 + w1 - 1) < 1e-6 and w0 >= w1
+    sd0, sd1 = dec.task_state_dict(t0), dec.task_state_dict(t1)
+    reference.load_state_dict({k: w0 * sd0[k] + w1 * sd1[k] if sd0[k].is_floating_point() else sd0[k] for k in sd0})
+    torch.testing.assert_close(emb(out), emb(reference(images[:1])), atol=3e-5, rtol=1e-4)
+
+
+def test_first_pass_stops_after_routing_block(arch, images):
+    pretrained, finetuned, _ = make_setup(arch)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
+    calls = []
+    for i, block in enumerate(model.arch.blocks):
+        block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    routing = model.route(images)
+    assert routing.task_ids.shape[0] == images.shape[0]
+    assert calls == [0]  # block 1 started (its MLP input is the feature) but never finished; 2, 3 never ran
+    calls.clear()
+    model(images)
+    assert calls == [0, 0, 1, 2, 3]
+
+
+def _prefix_hybrid(model, merged, task, L):
+    """θ with TSV-M for the embeddings and blocks ≤ L, task weights for blocks > L and the head layers."""
+    before = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")
+    hybrid = {}
+    for key in merged:
+        block = next((i for i, n in enumerate(model.arch.block_names) if key.startswith(n + ".")), None)
+        if block is not None:
+            use_merged = block <= L
+        else:
+            use_merged = key.startswith(before) or "embeddings." in key or "pre_layrnorm." in key
+        hybrid[key] = merged[key] if use_merged else task[key]
+    return hybrid
+
+
+def test_reuse_prefix_matches_hybrid_model(arch, images):
+    pretrained, finetuned, reference = make_setup(arch)
+    dec = mass.decompose(pretrained, finetuned, progress=False)
+    L = 1
+    model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=L, mode="top1"), reuse_prefix=True)
+    out, routing = model(images, return_routing=True)
+    merged = tsv_merge_from_decomposition(dec)
+    for i in range(images.shape[0]):
+        task = dec.task_state_dict(int(routing.task_ids[i, 0]))
+        reference.load_state_dict(_prefix_hybrid(model, merged, task, L))
+        torch.testing.assert_close(emb(out)[i : i + 1], emb(reference(images[i : i + 1])), atol=3e-5, rtol=1e-4)
+
+
+def test_router_picks_task_whose_subspace_holds_the_feature():
+    gen = torch.Generator().manual_seed(0)
+    T, k, D = 5, 4, 40
+    q, _ = torch.linalg.qr(torch.randn(D, T * k, generator=gen))
+    basis = q.T.reshape(T, k, D)  # mutually orthogonal task subspaces
+    coeffs = torch.randn(T, 3, k, generator=gen)
+    feats = torch.einsum("tnk,tkd->tnd", coeffs, basis).reshape(T * 3, D)
+    feats = feats + 0.01 * torch.randn(feats.shape, generator=gen)
+    import mass_kernels
+
+    routing = mass.select_tasks(mass_kernels.routing_residuals(feats, basis), mass.RouterConfig(mode="top1"))
+    assert routing.task_ids[:, 0].tolist() == [t for t in range(T) for _ in range(3)]
+
+
+def test_topk_selection_rules():
+    cfg = mass.RouterConfig(mode="topk", threshold=0.2, max_tasks=2)
+    # one clear winner -> one task; two close winners -> both (weights 1/2 each);
+    # six equal scores -> every softmax weight is 1/6 < 0.2 -> argmax fallback keeps one task
+    residuals = torch.tensor([[0.1, 5.0, 5.0, 5.0, 5.0, 5.0], [0.1, 0.1, 5.0, 5.0, 5.0, 5.0], [1.0] * 6])
+    r = mass.select_tasks(residuals, cfg)
+    assert r.task_ids[0].tolist() == [0, -1] and r.weights[0].tolist() == [1.0, 0.0]
+    assert sorted(r.task_ids[1].tolist()) == [0, 1] and r.weights[1].tolist() == [0.5, 0.5]
+    assert r.task_ids[2, 1].item() == -1 and r.task_ids[2, 0].item() >= 0
+    # four equal scores -> weights 1/4 > 0.2 -> two tasks, capped by max_tasks
+    r4 = mass.select_tasks(torch.ones(1, 4), cfg)
+    assert (r4.task_ids >= 0).sum().item() == 2
+
+
+def test_weighted_and_batch_level_modes():
+    residuals = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    r = mass.select_tasks(residuals, mass.RouterConfig(mode="weighted", max_tasks=2, temperature=0.5))
+    p = torch.softmax(-residuals / 0.5, 1)
+    assert r.task_ids.tolist() == [[0, 1], [2, 1]]
+    torch.testing.assert_close(r.weights[0], p[0, :2] / p[0, :2].sum())
+    per_sample = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 10.0]])  # alone: tasks 0 and 1
+    b = mass.select_tasks(per_sample, mass.RouterConfig(mode="top1", batch_level=True))
+    assert b.task_ids[:, 0].tolist() == [1, 1]  # mean residuals [2, 1.5, 6.5]: one decision, task 1

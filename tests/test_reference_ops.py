@@ -1,0 +1,98 @@
+"""The PyTorch ops against a direct, row-by-row computation of their formulas."""
+import pytest
+import torch
+
+import mass_kernels
+
+
+def _orthonormal_basis(T, k, D, gen):
+    q, _ = torch.linalg.qr(torch.randn(T, D, k, generator=gen))
+    return q.transpose(1, 2).contiguous()  # (T, k, D), orthonormal rows
+
+
+@pytest.mark.parametrize("N,D,T,k", [(1, 16, 1, 16), (7, 100, 3, 33), (20, 64, 8, 8)])
+def test_routing_residuals_matches_projection(N, D, T, k):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    basis = _orthonormal_basis(T, k, D, gen).double()
+    got = mass_kernels.routing_residuals(x.float(), basis.float())
+    want = torch.stack([(x - x @ basis[t].T @ basis[t]).norm(dim=1) for t in range(T)], 1)
+    assert got.dtype == torch.float32 and got.shape == (N, T)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_residuals_stacked_blocks():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 40, generator=gen)
+    basis = torch.stack([_orthonormal_basis(4, 6, 40, gen) for _ in range(3)])
+    got = mass_kernels.routing_residuals(x, basis)
+    for g in range(3):
+        torch.testing.assert_close(got[g], mass_kernels.routing_residuals(x[g], basis[g]))
+
+
+def _direct_lowrank(x, W, b, U, S, V, tasks, weights, task_bias):
+    rows = []
+    for i in range(x.shape[0]):
+        y = W @ x[i] + (0 if b is None else b)
+        for j in range(tasks.shape[1]):
+            t = int(tasks[i, j])
+            if t < 0:
+                continue
+            delta = U[t] @ (S[t] * (V[t] @ x[i])) + (0 if task_bias is None else task_bias[t])
+            y = y + weights[i, j] * delta
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("N,din,dout,T,k,K", [(1, 100, 70, 1, 51, 1), (9, 24, 40, 3, 5, 2), (16, 32, 32, 20, 1, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lowrank_linear_matches_direct(N, din, dout, T, k, K, with_bias):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(N, din, generator=gen)
+    W = torch.randn(dout, din, generator=gen)
+    b = torch.randn(dout, generator=gen) if with_bias else None
+    U, S, V = torch.randn(T, dout, k, generator=gen), torch.rand(T, k, generator=gen), torch.randn(T, k, din, generator=gen)
+    tasks = torch.randint(-1, T, (N, K), generator=gen)
+    weights = torch.rand(N, K, generator=gen)
+    task_bias = torch.randn(T, dout, generator=gen) if with_bias else None
+    got = mass_kernels.lowrank_linear(x, W, b, U, S, V, tasks, weights, task_bias)
+    want = _direct_lowrank(x.double(), W.double(), None if b is None else b.double(), U.double(), S.double(),
+                           V.double(), tasks, weights.double(), None if task_bias is None else task_bias.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_lowrank_linear_one_dim_tasks_default_weights():
+    gen = torch.Generator().manual_seed(3)
+    x, W = torch.randn(5, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    U, S, V = torch.randn(2, 6, 3, generator=gen), torch.rand(2, 3, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    tasks = torch.tensor([0, 1, -1, 1, 0])
+    got = mass_kernels.lowrank_linear(x, W, None, U, S, V, tasks)
+    want = mass_kernels.lowrank_linear(x, W, None, U, S, V, tasks[:, None], torch.ones(5, 1))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[2], x[2] @ W.T)  # no task: the base linear alone
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(row_tasks=torch.tensor([0, 5])), r"\[-1, 1\]"),
+    (dict(row_tasks=torch.tensor([0.0, 1.0])), "integer"),
+    (dict(row_tasks=torch.tensor([0, 1, 1])), r"\(N=2"),
+    (dict(U=torch.zeros(2, 6, 4)), "factor shapes"),
+    (dict(bias=torch.zeros(5)), "bias must be"),
+])
+def test_lowrank_linear_rejects_bad_arguments(bad, match):
+    args = dict(x=torch.randn(2, 8), weight=torch.randn(6, 8), bias=None, U=torch.randn(2, 6, 3), S=torch.rand(2, 3),
+                V=torch.randn(2, 3, 8), row_tasks=torch.tensor([0, 1]))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        mass_kernels.lowrank_linear(**args)
+
+
+def test_routing_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="feature size"):
+        mass_kernels.routing_residuals(torch.randn(3, 10), torch.randn(2, 4, 12))
+
+
+def test_impl_override_is_validated(monkeypatch):
+    monkeypatch.setenv("MASS_KERNEL_IMPL", "cuda")
+    with pytest.raises(ValueError, match="MASS_KERNEL_IMPL"):
+        mass_kernels.routing_residuals(torch.randn(3, 10), torch.randn(2, 4, 10))
