@@ -13,12 +13,20 @@ import torch
 from ._checks import check_lowrank_args, check_routing_args
 from .reference import lowrank_linear_torch, routing_residuals_torch
 
+
+def warmup(*args, **kwargs) -> int:
+    """Compile and autotune the Triton ops for the given shapes; see :func:`mass_kernels.tuning.warmup`."""
+    from .tuning import warmup as _warmup  # lazy: triton must not be imported with the package
+
+    return _warmup(*args, **kwargs)
+
 __all__ = [
     "routing_residuals",
     "lowrank_linear",
     "routing_residuals_torch",
     "lowrank_linear_torch",
     "select_impl",
+    "warmup",
 ]
 
 _IMPLS = ("torch", "triton")
