@@ -74,7 +74,9 @@ def lowrank_linear(
     """
     check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     if select_impl(x) == "triton":
-        from .lowrank_linear import lowrank_linear_triton
+        # Kernel module is `lowrank`, not `lowrank_linear`: importing a submodule binds its name on the
+        # package, which would replace this public function with the module object.
+        from .lowrank import lowrank_linear_triton
 
         return lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     return lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)

@@ -32,7 +32,7 @@ def warmup(
     must match how the model calls the op, since they select different compiled variants.
     Tensors are synthetic (random factors, every task present); results are discarded.
     """
-    from .lowrank_linear import lowrank_linear_triton, n_bucket
+    from .lowrank import lowrank_linear_triton, n_bucket
     from .routing import routing_residuals_triton
 
     device = torch.device(device)
