@@ -1,5 +1,8 @@
 """Task-specific linear ``y = x Wᵀ + b + Σ_j w_j (((x V_tjᵀ) ⊙ S_tj) U_tjᵀ + task_bias_tj)``.
 
+Kernel module behind the public op ``mass_kernels.lowrank_linear`` (named ``lowrank``, not
+``lowrank_linear``: importing a submodule binds its name on the package and would shadow the op).
+
 Multi-LoRA (SGMV) pattern with large ranks (k = in/T), in two launches and ONE store of y:
 
 1. ``_lowrank_shrink_kernel``: h[e] = (x_row V_tᵀ) ⊙ S_t ⊙ w for every (row, slot) entry e with a
@@ -175,8 +178,11 @@ def _lowrank_linear_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotune: a small config set, pruned by problem size before benchmarking; under the interpreter
-# pruned to one config (the autotuner then skips benchmarking entirely).
+# Autotune: a small config set (6 linear, 5 shrink), pruned before benchmarking by problem size
+# (BLOCK_M ≤ row bucket, BLOCK_N/BLOCK_K/BLOCK_R ≤ the padded dims) so the first call benchmarks
+# only a handful; keyed on (row bucket, out, in, rank) + tensor dtypes. Under the interpreter the
+# prune returns one small config, so the autotuner skips benchmarking. Call mass_kernels.warmup()
+# before serving / CUDA-graph capture: benchmarking cannot run inside a capture.
 
 def _cfg(bm, bn, bk, br, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br},
@@ -296,7 +302,7 @@ def lowrank_linear_triton(
     upcast = needs_bf16_upcast(x.dtype)
     precision = dot_precision(x.dtype)
     nb = n_bucket(N)
-    g_pow2 = next_pow2(T + 1)
+    g_pow2 = max(16, next_pow2(T + 1))  # ≥16: avoid degenerate 1-element aranges/scans on GPU
     dummy = h  # placeholder pointer for absent optional tensors (never read: constexpr-gated)
 
     if T > 0 and rank > 0:
@@ -305,7 +311,7 @@ def lowrank_linear_triton(
             x, V, S, rw if rw is not None else dummy, h, eperm, ent_offs,
             d_in, rank, T, n_bucket(n_entries),
             x.stride(0), x.stride(1), *V.stride(), *S.stride(),
-            K_SLOTS=k_slots, HAS_WEIGHTS=rw is not None, G_POW2=next_pow2(max(T, 1)),
+            K_SLOTS=k_slots, HAS_WEIGHTS=rw is not None, G_POW2=max(16, next_pow2(T)),
             UPCAST=upcast, PRECISION=precision,
         )
 
