@@ -13,12 +13,20 @@ import torch
 from ._checks import check_lowrank_args, check_routing_args
 from .reference import lowrank_linear_torch, routing_residuals_torch
 
+
+def warmup(*args, **kwargs) -> int:
+    """Compile and autotune the Triton ops for the given shapes; see :func:`mass_kernels.tuning.warmup`."""
+    from .tuning import warmup as _warmup  # lazy: triton must not be imported with the package
+
+    return _warmup(*args, **kwargs)
+
 __all__ = [
     "routing_residuals",
     "lowrank_linear",
     "routing_residuals_torch",
     "lowrank_linear_torch",
     "select_impl",
+    "warmup",
 ]
 
 _IMPLS = ("torch", "triton")
@@ -66,7 +74,9 @@ def lowrank_linear(
     """
     check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     if select_impl(x) == "triton":
-        from .lowrank_linear import lowrank_linear_triton
+        # Kernel module is `lowrank`, not `lowrank_linear`: importing a submodule binds its name on the
+        # package, which would replace this public function with the module object.
+        from .lowrank import lowrank_linear_triton
 
         return lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     return lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)

@@ -1,0 +1,332 @@
+"""Task-specific linear ``y = x Wᵀ + b + Σ_j w_j (((x V_tjᵀ) ⊙ S_tj) U_tjᵀ + task_bias_tj)``.
+
+Kernel module behind the public op ``mass_kernels.lowrank_linear`` (named ``lowrank``, not
+``lowrank_linear``: importing a submodule binds its name on the package and would shadow the op).
+
+Multi-LoRA (SGMV) pattern with large ranks (k = in/T), in two launches and ONE store of y:
+
+1. ``_lowrank_shrink_kernel``: h[e] = (x_row V_tᵀ) ⊙ S_t ⊙ w for every (row, slot) entry e with a
+   valid task, into a small fp32 (N, K, k) buffer. Entries are sorted by task on the device so a
+   tile of entries shares V_t and can use ``tl.dot``.
+2. ``_lowrank_linear_kernel``: base GEMM ``x Wᵀ`` for a tile of rows; then, into the SAME fp32
+   accumulator, the expand ``h · U_tᵀ`` for every slot, then bias and task_bias, then one store.
+   A separate expand kernel re-reading and re-writing y would cost up to ~70% extra at large batch.
+
+Grouping on the device (no ``.item()``/``.tolist()``, CUDA-graph capturable): argsort of task keys
+and ``searchsorted`` group offsets. The grids are sized by upper bounds (``cdiv(rows, BLOCK_M) +
+T`` tiles: each group adds at most one partial tile); each program finds its (group, tile) from the
+offsets with a small vectorised scan over the ≤ T+1 groups and exits if it has none.
+
+K > 1 slots: rows are sorted lexicographically by their (sanitised) task tuple and GEMM tiles never
+cross a slot-0 group, so slot 0 needs exactly one ``h · U_t0ᵀ`` per tile. For slot j ≥ 1 the tile
+loops over the distinct task ids present among its rows (data-dependent ``while`` loop; rows of
+other tasks are masked to zero in h). Because slot 1 is the secondary sort key, its tasks come in
+runs inside a tile, so typically one or two iterations; worst case min(BLOCK_M, T) expand dots per
+tile for slot j ≥ 1 (still one store of y, exact results). Grouping by the full tuple instead would
+make every slot a single dot but fragments tiles into up to (T+1)^K mostly empty groups, which
+wastes the (much larger) base GEMM; that trade-off loses at K = 2, T = 8…20.
+
+Task ids outside [-1, T) are treated as "no task" on the device (the CPU check raises for them), so
+no out-of-bounds read of U/V/S/task_bias can happen on a GPU.
+
+The expand dot casts h (fp32) to the operand dtype for fp16/bf16 inputs (tensor-core MMA with
+fp32 accumulation, as punica/S-LoRA do); fp32 inputs follow ``torch.get_float32_matmul_precision``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_lowrank_args
+from ._triton_utils import dot_precision, interpreting, needs_bf16_upcast, next_pow2
+
+
+@triton.jit
+def _group_tile_lookup(pid, offs_ptr, n_groups, BLOCK_M: tl.constexpr, G_POW2: tl.constexpr):
+    """Map a flat tile id to (found, group, first sorted position, group end) from group offsets."""
+    gi = tl.arange(0, G_POW2)
+    gmask = gi < n_groups
+    start = tl.load(offs_ptr + gi, mask=gmask, other=0)
+    end = tl.load(offs_ptr + gi + 1, mask=gmask, other=0)
+    ntiles = (end - start + BLOCK_M - 1) // BLOCK_M
+    incl = tl.cumsum(ntiles, axis=0)
+    excl = incl - ntiles
+    hit = (excl <= pid) & (pid < incl)  # at most one group (empty groups have excl == incl)
+    found = tl.sum(hit.to(tl.int32), axis=0)
+    g = tl.sum(tl.where(hit, gi, 0), axis=0)
+    tile = pid - tl.sum(tl.where(hit, excl, 0), axis=0)
+    pos0 = tl.sum(tl.where(hit, start, 0), axis=0) + tile * BLOCK_M
+    pos_end = tl.sum(tl.where(hit, end, 0), axis=0)
+    return found, g, pos0, pos_end
+
+
+@triton.jit
+def _lowrank_shrink_kernel(
+    x_ptr, v_ptr, s_ptr, rw_ptr, h_ptr, eperm_ptr, eoffs_ptr,
+    d_in, rank, n_tasks, n_bucket,
+    stride_xn, stride_xk, stride_vt, stride_vr, stride_vk, stride_st, stride_sr,
+    K_SLOTS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, G_POW2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """h[e, r] = (x[e // K] · V[t_e, r]) * S[t_e, r] * w[e] for one task's tile of entries."""
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    found, t, pos0, pos_end = _group_tile_lookup(pid, eoffs_ptr, n_tasks, BLOCK_M, G_POW2)
+    if found == 0:
+        return
+    pos = pos0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < pos_end
+    ent = tl.load(eperm_ptr + pos, mask=m_mask, other=0).to(tl.int64)
+    rows = ent // K_SLOTS
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = ranks < rank
+    t64 = t.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d_in
+        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        vt = tl.load(v_ptr + t64 * stride_vt + ranks[:, None] * stride_vr + ks[None, :] * stride_vk,
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:  # interpreter-only bf16 workaround (see _triton_utils.needs_bf16_upcast)
+            xt = xt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(vt), acc, input_precision=PRECISION)
+
+    s = tl.load(s_ptr + t64 * stride_st + ranks * stride_sr, mask=r_mask, other=0.0).to(tl.float32)
+    acc = acc * s[None, :]
+    if HAS_WEIGHTS:
+        w = tl.load(rw_ptr + ent, mask=m_mask, other=0.0)
+        acc = acc * w[:, None]
+    tl.store(h_ptr + ent[:, None] * rank + ranks[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _lowrank_linear_kernel(
+    x_ptr, w_ptr, b_ptr, u_ptr, tb_ptr, h_ptr, rw_ptr, tasks_ptr, perm_ptr, offs_ptr, y_ptr,
+    d_in, d_out, rank, n_tasks, n_bucket,
+    stride_xn, stride_xk, stride_wn, stride_wk, stride_ut, stride_un, stride_ur,
+    stride_tbt, stride_tbn, stride_yn, stride_yo,
+    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TASK_BIAS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    G_POW2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (row tile, out tile) of y: base GEMM + fused expand + biases, single store."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # Groups are slot-0 task ids 0..T-1 plus T = "no task in slot 0".
+    found, g, pos0, pos_end = _group_tile_lookup(pid_m, offs_ptr, n_tasks + 1, BLOCK_M, G_POW2)
+    if found == 0:
+        return
+    pos = pos0 + tl.arange(0, BLOCK_M)
+    m_mask = pos < pos_end
+    rows = tl.load(perm_ptr + pos, mask=m_mask, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = cols < d_out
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < d_in
+        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
+                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+
+    # Fused expand: acc += h_slot · U_tᵀ for each slot and each distinct task among the tile's rows.
+    for j in tl.static_range(K_SLOTS):
+        tj = tl.load(tasks_ptr + rows * K_SLOTS + j, mask=m_mask, other=n_tasks)
+        cur = tl.min(tj, axis=0)
+        while cur < n_tasks:
+            sel = m_mask & (tj == cur)
+            cur64 = cur.to(tl.int64)
+            for r0 in range(0, rank, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_mask = rr < rank
+                ht = tl.load(h_ptr + (rows[:, None] * K_SLOTS + j) * rank + rr[None, :],
+                             mask=sel[:, None] & r_mask[None, :], other=0.0)
+                ut = tl.load(u_ptr + cur64 * stride_ut + cols[:, None] * stride_un + rr[None, :] * stride_ur,
+                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+                if UPCAST:
+                    ut = ut.to(tl.float32)
+                else:
+                    ht = ht.to(ut.dtype)
+                acc = tl.dot(ht, tl.trans(ut), acc, input_precision=PRECISION)
+            if HAS_TASK_BIAS:
+                tb = tl.load(tb_ptr + cur64 * stride_tbt + cols * stride_tbn, mask=n_mask, other=0.0)
+                if HAS_WEIGHTS:
+                    wj = tl.load(rw_ptr + rows * K_SLOTS + j, mask=sel, other=0.0)
+                else:
+                    wj = sel.to(tl.float32)
+                acc += wj[:, None] * tb.to(tl.float32)[None, :]
+            cur = tl.min(tl.where(tj > cur, tj, n_tasks), axis=0)
+
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune: a small config set (6 linear, 5 shrink), pruned before benchmarking by problem size
+# (BLOCK_M ≤ row bucket, BLOCK_N/BLOCK_K/BLOCK_R ≤ the padded dims) so the first call benchmarks
+# only a handful; keyed on (row bucket, out, in, rank) + tensor dtypes. Under the interpreter the
+# prune returns one small config, so the autotuner skips benchmarking. Call mass_kernels.warmup()
+# before serving / CUDA-graph capture: benchmarking cannot run inside a capture.
+
+def _cfg(bm, bn, bk, br, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br},
+                         num_warps=warps, num_stages=stages)
+
+
+_LINEAR_CONFIGS = [
+    _cfg(16, 64, 64, 32, 4, 3),    # decode-like batches
+    _cfg(32, 64, 64, 32, 4, 3),
+    _cfg(64, 64, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 32, 4, 4),
+    _cfg(128, 128, 32, 32, 8, 3),   # large batches
+    _cfg(128, 64, 64, 32, 4, 3),
+]
+_LINEAR_INTERPRET = _cfg(16, 32, 32, 16, 1, 1)  # small tiles: exercises multi-tile/rank loops
+
+
+def _prune_linear(configs, named_args, **kwargs):
+    if interpreting():
+        return [_LINEAR_INTERPRET]
+    nb, d_out, d_in = named_args["n_bucket"], named_args["d_out"], named_args["d_in"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(16, nb)
+            and c.kwargs["BLOCK_N"] <= max(64, next_pow2(d_out))
+            and c.kwargs["BLOCK_K"] <= max(32, next_pow2(d_in))]
+    return keep or configs[:1]
+
+
+_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_R": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+_SHRINK_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)
+
+
+def _prune_shrink(configs, named_args, **kwargs):
+    if interpreting():
+        return [_SHRINK_INTERPRET]
+    nb, rank = named_args["n_bucket"], named_args["rank"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(16, nb) and c.kwargs["BLOCK_R"] <= max(64, next_pow2(rank))]
+    return keep or configs[:1]
+
+
+_lowrank_shrink_tuned = triton.autotune(
+    configs=_SHRINK_CONFIGS, key=["n_bucket", "d_in", "rank"],
+    prune_configs_by={"early_config_prune": _prune_shrink},
+)(_lowrank_shrink_kernel)
+
+# y is fully overwritten by each run, so benchmarking re-runs are harmless (no reset hooks needed).
+_lowrank_linear_tuned = triton.autotune(
+    configs=_LINEAR_CONFIGS, key=["n_bucket", "d_out", "d_in", "rank"],
+    prune_configs_by={"early_config_prune": _prune_linear},
+)(_lowrank_linear_kernel)
+
+
+def n_bucket(n: int) -> int:
+    """Autotune bucket of a row count: next power of two, 16…8192 (always a multiple of 16)."""
+    return min(8192, max(16, next_pow2(n)))
+
+
+def lowrank_linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    row_tasks: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton path of :func:`mass_kernels.lowrank_linear`; same contract, no host synchronisation."""
+    check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+    N, d_in = x.shape
+    d_out = weight.shape[0]
+    T, rank = S.shape
+    dev = x.device
+    y = torch.empty((N, d_out), device=dev, dtype=x.dtype)
+    if N == 0 or d_out == 0:
+        return y
+
+    # Operands of one tl.dot must share a dtype: bring weights/factors to x's dtype (no-op normally).
+    weight = weight.to(x.dtype)
+    U, V = U.to(x.dtype), V.to(x.dtype)
+    tasks = row_tasks.reshape(N, -1)
+    k_slots = tasks.shape[1]
+    if k_slots == 0:  # (N, 0) row_tasks: no slots at all → one empty slot per row
+        tasks = torch.full((N, 1), T, device=dev, dtype=torch.int32)
+        k_slots, row_weights = 1, None
+    valid = (tasks >= 0) & (tasks < T)
+    tasks = torch.where(valid, tasks, T).to(torch.int32).contiguous()  # T = "no task"
+    rw = None
+    if row_weights is not None:
+        rw = row_weights.reshape(N, k_slots).to(torch.float32).contiguous()
+
+    # Device-side grouping (sort + searchsorted, no sync).
+    if k_slots == 1:
+        key = tasks[:, 0]
+    else:  # lexicographic by the task tuple: slot 0 primary, then slot 1, ...
+        key = torch.zeros(N, device=dev, dtype=torch.int64)
+        for j in range(k_slots):
+            key = key * (T + 1) + tasks[:, j].to(torch.int64)
+    perm = torch.argsort(key, stable=True)
+    t0_sorted = tasks[:, 0].index_select(0, perm).contiguous()
+    probes = torch.arange(T + 2, device=dev, dtype=torch.int32)
+    row_offs = torch.searchsorted(t0_sorted, probes).to(torch.int32)  # groups 0..T
+
+    flat = tasks.reshape(-1)
+    eperm = torch.argsort(flat, stable=True)
+    ent_offs = torch.searchsorted(flat.index_select(0, eperm).contiguous(), probes[: T + 1]).to(torch.int32)
+
+    h = torch.empty((N * k_slots, max(rank, 1)), device=dev, dtype=torch.float32)
+    upcast = needs_bf16_upcast(x.dtype)
+    precision = dot_precision(x.dtype)
+    nb = n_bucket(N)
+    g_pow2 = max(16, next_pow2(T + 1))  # ≥16: avoid degenerate 1-element aranges/scans on GPU
+    dummy = h  # placeholder pointer for absent optional tensors (never read: constexpr-gated)
+
+    if T > 0 and rank > 0:
+        n_entries = N * k_slots
+        _lowrank_shrink_tuned[lambda m: (triton.cdiv(n_entries, m["BLOCK_M"]) + T, triton.cdiv(rank, m["BLOCK_R"]))](
+            x, V, S, rw if rw is not None else dummy, h, eperm, ent_offs,
+            d_in, rank, T, n_bucket(n_entries),
+            x.stride(0), x.stride(1), *V.stride(), *S.stride(),
+            K_SLOTS=k_slots, HAS_WEIGHTS=rw is not None, G_POW2=max(16, next_pow2(T)),
+            UPCAST=upcast, PRECISION=precision,
+        )
+
+    tb = task_bias
+    _lowrank_linear_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]) + T, triton.cdiv(d_out, m["BLOCK_N"]))](
+        x, weight, bias if bias is not None else dummy, U, tb if tb is not None else dummy, h,
+        rw if rw is not None else dummy, tasks, perm, row_offs, y,
+        d_in, d_out, rank, T, nb,
+        x.stride(0), x.stride(1), *weight.stride(), *U.stride(),
+        tb.stride(0) if tb is not None else 0, tb.stride(1) if tb is not None else 0,
+        *y.stride(),
+        K_SLOTS=k_slots, HAS_BIAS=bias is not None, HAS_TASK_BIAS=tb is not None,
+        HAS_WEIGHTS=rw is not None, G_POW2=g_pow2, UPCAST=upcast, PRECISION=precision,
+    )
+    return y
+
+
+__all__ = ["lowrank_linear_triton", "n_bucket"]
