@@ -1,3 +1,11 @@
+import os
+
+import torch
+
+# No GPU here: Triton kernels run in the interpreter. Must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import copy
 
 import pytest
