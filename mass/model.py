@@ -188,9 +188,6 @@ class MASSModel(nn.Module):
     # ------------------------------------------------------------------ hooks
     def _register_hooks(self):
         self.arch.pre_norm.register_forward_pre_hook(self._add_token_deltas)
-        if self.proj is not None:
-            self.arch.root.register_forward_pre_hook(self._detach_proj)
-            self.arch.root.register_forward_hook(self._apply_proj)
 
     def _add_token_deltas(self, module, args):
         mode = self.state.mode
@@ -210,17 +207,21 @@ class MASSModel(nn.Module):
             )
         return (x + delta.to(x.dtype),) + tuple(args[1:])
 
-    def _detach_proj(self, module, args):
-        self._saved_proj = module.proj
-        module.proj = None  # the forward then returns the pooled features; _apply_proj projects them
-
-    def _apply_proj(self, module, args, output):
-        module.proj = self._saved_proj
+    def _call(self, *inputs, **kwargs):
+        """Run the wrapped model. open_clip's raw ``proj`` is taken out for the call (the forward then returns
+        the pooled features) and applied here with the current pass's weights; it is put back even when the
+        first pass stops early."""
+        if self.proj is None:
+            return self.model(*inputs, **kwargs)
+        root = self.arch.root
+        saved = root.proj
+        root.proj = None
+        try:
+            output = self.model(*inputs, **kwargs)
+        finally:
+            root.proj = saved
         pooled = output[0] if isinstance(output, tuple) else output
-        if self.state.mode == "base":
-            projected = pooled @ module.proj
-        else:
-            projected = self.proj(pooled)
+        projected = pooled @ saved if self.state.mode == "base" else self.proj(pooled)
         return (projected,) + tuple(output[1:]) if isinstance(output, tuple) else projected
 
     # ------------------------------------------------------------------ routing
@@ -249,7 +250,7 @@ class MASSModel(nn.Module):
             handles.append(self.arch.blocks[L].register_forward_hook(read_block))
         try:
             with self.state.use("merged"):
-                self.model(*inputs, **kwargs)
+                self._call(*inputs, **kwargs)
         except _StopForward:
             pass
         finally:
@@ -396,7 +397,7 @@ class MASSModel(nn.Module):
         entries, weights = self._entries(routing)
         replay = self._replay_prefix(block_output) if block_output is not None else contextlib.nullcontext()
         with self.state.use("tasks", entries, weights), replay:
-            out = self.model(*inputs, **kwargs)
+            out = self._call(*inputs, **kwargs)
         return (out, routing) if return_routing else out
 
     @staticmethod
@@ -410,12 +411,12 @@ class MASSModel(nn.Module):
     def forward_merged(self, *inputs, **kwargs):
         """The TSV-M model alone (needs ``keep_merged='all'``)."""
         with self.state.use("merged"):
-            return self.model(*inputs, **kwargs)
+            return self._call(*inputs, **kwargs)
 
     @torch.no_grad()
     def forward_pretrained(self, *inputs, **kwargs):
         with self.state.use("base"):
-            return self.model(*inputs, **kwargs)
+            return self._call(*inputs, **kwargs)
 
     # ------------------------------------------------------------------ heads
     @torch.no_grad()

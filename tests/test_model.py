@@ -158,3 +158,37 @@ def test_weighted_and_batch_level_modes():
     per_sample = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 10.0]])  # alone: tasks 0 and 1
     b = mass.select_tasks(per_sample, mass.RouterConfig(mode="top1", batch_level=True))
     assert b.task_ids[:, 0].tolist() == [1, 1]  # mean residuals [2, 1.5, 6.5]: one decision, task 1
+
+
+def test_wrapped_model_keeps_module_names_and_state_dict_keys(arch):
+    pretrained, finetuned, _ = make_setup(arch)
+    keys_before = list(pretrained.state_dict().keys())
+    shapes_before = {k: v.shape for k, v in pretrained.state_dict().items()}
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
+    model.route(torch.randn(2, 3, 32, 32))  # an early-stopped first pass must leave the structure intact
+    assert list(model.model.state_dict().keys()) == keys_before
+    assert {k: v.shape for k, v in model.model.state_dict().items()} == shapes_before
+    linears = [m for m in model.model.modules() if isinstance(m, mass.MASSLinear)]
+    assert linears and all(hasattr(m, "in_features") and hasattr(m, "out_features") for m in linears)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.modules())
+
+
+@pytest.mark.parametrize("arch_name", ["hf", "openclip_sf"])
+def test_model_through_triton_kernels_matches_torch_path(arch_name, monkeypatch):
+    """The MASSModel calls the dispatching ops, so the Triton kernels serve it with no code change."""
+    pretrained = build_model(arch_name, layers=2)
+    from mass.testing import finetuned_like
+
+    finetuned = finetuned_like(pretrained, 3, scale=0.2, seed=3)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1, threshold=0.1), progress=False)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    forced = torch.tensor([[0, -1], [2, 1], [-1, -1]])
+    monkeypatch.setenv("MASS_KERNEL_IMPL", "torch")
+    want_out, want_routing = model(x, return_routing=True)
+    want_forced = emb(model(x, task_ids=forced))
+    monkeypatch.setenv("MASS_KERNEL_IMPL", "triton")
+    got_out, got_routing = model(x, return_routing=True)
+    torch.testing.assert_close(got_routing.residuals, want_routing.residuals, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_routing.task_ids, want_routing.task_ids)
+    torch.testing.assert_close(emb(got_out), emb(want_out), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(emb(model(x, task_ids=forced)), want_forced, atol=1e-4, rtol=1e-4)
