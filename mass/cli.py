@@ -1,0 +1,204 @@
+"""The ``mass`` command line: ``demo``, ``merge``, ``inspect``, ``bench``.
+
+User mistakes end with one ``mass: error: ...`` line and exit code 2, never a traceback
+(``MASS_DEBUG=1`` re-raises, for bug reports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .checkpoints import CheckpointError
+from .serialization import SavedModelError
+
+USER_ERRORS = (CheckpointError, SavedModelError, ValueError, FileNotFoundError, TypeError, NotImplementedError)
+
+
+class UserError(Exception):
+    pass
+
+
+def _parse_rank(text: str | None):
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--rank must be an int or a fraction, got {text!r}") from None
+
+
+def _parse_finetuned(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--finetuned takes NAME=PATH, got {item!r}")
+        if name in out:
+            raise UserError(f"task {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def load_pretrained_hf(path: str):
+    """An HF CLIP vision model from a local directory (config.json + weights), offline."""
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise UserError(f"--pretrained must be a HF model directory with config.json: {path}")
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig.from_pretrained(str(p))
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    cls = CLIPVisionModelWithProjection if "WithProjection" in archs else CLIPVisionModel
+    return cls.from_pretrained(str(p), local_files_only=True).eval()
+
+
+def _load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: bool):
+    """A fine-tuned checkpoint as a state dict with the pretrained model's key names."""
+    import torch
+
+    from .checkpoints import open_checkpoint
+    from .convert import is_openclip_state_dict, openclip_to_hf
+
+    p = Path(path)
+    if allow_pickle and p.suffix in (".pt", ".pth", ".bin"):
+        obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        sd = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    else:
+        src = open_checkpoint(name, p)
+        keys = src.keys()
+        if not is_openclip_state_dict(keys):
+            return p  # read lazily, key prefixes matched during decomposition
+        sd = {k: src.get(k) for k in keys}
+    if is_openclip_state_dict(sd.keys()):
+        sd = openclip_to_hf(sd, target_keys)
+    return sd
+
+
+def cmd_merge(args) -> int:
+    from .model import merge
+    from .router import RouterConfig
+
+    finetuned = _parse_finetuned(args.finetuned)
+    rank = _parse_rank(args.rank)
+    router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token)
+    for name, path in finetuned.items():
+        if not Path(path).exists():
+            raise UserError(f"checkpoint {name!r}: no such file {path}")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    pretrained = load_pretrained_hf(args.pretrained)
+    keys = list(pretrained.state_dict().keys())
+    ckpts = {n: _load_finetuned(n, p, keys, args.allow_pickle) for n, p in finetuned.items()}
+    model = merge(pretrained, ckpts, rank=rank, router=router, progress=not args.quiet)
+    model.save_pretrained(args.out)
+    print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
+          f"(storage {model.storage_factor():.3f}x the pretrained model)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .serialization import read_saved
+
+    config, dec, heads = read_saved(args.dir)
+    n = dec.stored_numel()
+    T = len(dec.tasks)
+    bytes_per = {"base": sum(v.numel() * v.element_size() for v in dec.base.values())}
+    task_bytes = sum(f.U.numel() * f.U.element_size() + f.S.numel() * f.S.element_size()
+                     + f.V.numel() * f.V.element_size() for f in dec.lowrank.values())
+    task_bytes += sum(v.numel() * v.element_size() for v in dec.dense.values())
+    print(f"MASS model: {args.dir}")
+    print(f"  architecture   {config['architecture']} ({config['model_class']})")
+    print(f"  tasks ({T})      {', '.join(dec.tasks)}")
+    print(f"  heads          {'yes' if heads else 'no'}")
+    print(f"  router         {json.dumps(config['router'])}")
+    print(f"  reuse_prefix   {config['reuse_prefix']}")
+    print(f"  pretrained     {n['pretrained']:,} params, {bytes_per['base'] / 2**20:.2f} MiB")
+    print(f"  per task       {task_bytes / T / 2**20:.2f} MiB (factors + non-matrix params)")
+    print(f"  storage factor {dec.storage_factor():.4f}x the pretrained model")
+    print("  ranks per matrix:")
+    width = max(len(k) for k in dec.lowrank)
+    for key, f in dec.lowrank.items():
+        shape = tuple(dec.base[key].shape)
+        print(f"    {key:<{width}}  {str(shape):>14}  k={f.rank}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick, cache_dir=args.cache_dir, n_tasks=args.tasks, seeds=args.seeds)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mass", description="MASS: many fine-tuned CLIP vision encoders as one")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline multi-task benchmark: accuracy of MASS vs merges (main job)")
+    demo.add_argument("--quick", action="store_true", help="small, fast variant")
+    demo.add_argument("--out", default="mass_demo_out", help="directory for the JSON/Markdown/PNG results")
+    demo.add_argument("--cache-dir", default=None, help="checkpoint cache (default ~/.cache/mass-demo)")
+    demo.add_argument("--tasks", type=int, default=8, help="number of tasks (8 by default)")
+    demo.add_argument("--seeds", type=int, default=1, help="router-study seeds (run-to-run spread)")
+    demo.set_defaults(func=cmd_demo)
+
+    merge = sub.add_parser("merge", help="build a MASS model from a pretrained and fine-tuned checkpoints")
+    merge.add_argument("--pretrained", required=True, help="HF CLIP vision model directory")
+    merge.add_argument("--finetuned", required=True, nargs="+", metavar="NAME=PATH",
+                       help="fine-tuned checkpoints: HF directories, .safetensors, or .pt state dicts")
+    merge.add_argument("--rank", default=None, help="k per matrix: int, or fraction of min(out, in); "
+                                                     "default floor(min(out, in) / T)")
+    merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
+    merge.add_argument("--mode", default="topk", choices=["top1", "topk", "weighted"])
+    merge.add_argument("--token", default="cls", choices=["cls", "mean"])
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--allow-pickle", action="store_true", help="accept pickled modules in .pt files")
+    merge.add_argument("--quiet", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+
+    inspect = sub.add_parser("inspect", help="describe a saved MASS model")
+    inspect.add_argument("dir")
+    inspect.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser("bench", help="end-to-end latency, memory and storage")
+    try:
+        from .bench import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, *USER_ERRORS) as exc:
+        if os.environ.get("MASS_DEBUG"):
+            raise
+        print(f"mass: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mass: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

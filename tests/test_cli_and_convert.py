@@ -1,0 +1,82 @@
+"""The command line and the open_clip → HF checkpoint conversion."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mass
+from mass.cli import main
+from mass.convert import openclip_to_hf
+from mass.testing import OpenCLIPStyleViT, finetuned_like
+
+
+def _hf_twin(oc: OpenCLIPStyleViT):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    width = oc.conv1.out_channels
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=len(oc.transformer.resblocks),
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=oc.proj.shape[1],
+                           hidden_act="gelu", architectures=["CLIPVisionModelWithProjection"])
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def test_openclip_weights_converted_to_hf_give_the_same_embeddings():
+    torch.manual_seed(0)
+    oc = OpenCLIPStyleViT(width=32, layers=2, batch_first=False).eval()
+    hf = _hf_twin(oc)
+    hf.load_state_dict(openclip_to_hf({"visual." + k: v for k, v in oc.state_dict().items()}, hf.state_dict().keys()))
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(hf(pixel_values=x).image_embeds, oc(x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    torch.manual_seed(0)
+    oc = OpenCLIPStyleViT(width=32, layers=2).eval()
+    hf = _hf_twin(oc)
+    hf.load_state_dict(openclip_to_hf(oc.state_dict(), hf.state_dict().keys()))
+    hf.save_pretrained(tmp_path / "pretrained")
+    ft = finetuned_like(oc, 3, scale=0.1, seed=1)
+    save_file(openclip_to_hf(ft["task0"], hf.state_dict().keys()), str(tmp_path / "a.safetensors"))
+    torch.save({"visual." + k: v for k, v in ft["task1"].items()}, tmp_path / "b.pt")  # open_clip names
+    hf_b = _hf_twin(oc)
+    hf_b.load_state_dict(openclip_to_hf(ft["task2"], hf.state_dict().keys()))
+    hf_b.save_pretrained(tmp_path / "c_dir")
+    return tmp_path, hf, ft
+
+
+def test_cli_merge_and_inspect(checkpoints, capsys):
+    tmp, hf, ft = checkpoints
+    rc = main(["merge", "--pretrained", str(tmp / "pretrained"), "--finetuned", f"a={tmp / 'a.safetensors'}",
+               f"b={tmp / 'b.pt'}", f"c={tmp / 'c_dir'}", "--layer", "1", "--out", str(tmp / "out"), "--quiet"])
+    assert rc == 0
+    assert "storage" in capsys.readouterr().out
+    model = mass.MASSModel.from_pretrained(tmp / "out", base_model=_hf_twin(OpenCLIPStyleViT(width=32, layers=2)))
+    assert model.tasks == ["a", "b", "c"]
+    direct = mass.decompose(hf, {n: openclip_to_hf(ft[f"task{i}"], hf.state_dict().keys())
+                                 for i, n in enumerate("abc")}, progress=False)
+    key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+    torch.testing.assert_close(model.decomposition().lowrank[key].S, direct.lowrank[key].S)
+    assert main(["inspect", str(tmp / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "storage factor" in out and "tasks (3)" in out and key in out
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["--finetuned", "a=/nonexistent.safetensors"], "no such file"),
+    (["--finetuned", "a"], "NAME=PATH"),
+    (["--finetuned", "a=PATH_A", "--rank", "lots"], "--rank must be"),
+    (["--finetuned", "m=MODULE"], "Pickled modules are refused"),
+])
+def test_cli_user_errors_are_one_line(checkpoints, capsys, argv_tail, message):
+    tmp, _, _ = checkpoints
+    torch.save(torch.nn.Linear(2, 2), tmp / "module.pt")
+    tail = [a.replace("PATH_A", str(tmp / "a.safetensors")).replace("MODULE", str(tmp / "module.pt")) for a in argv_tail]
+    rc = main(["merge", "--pretrained", str(tmp / "pretrained"), "--out", str(tmp / "o"), "--quiet"] + tail)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("mass: error:") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_inspect_reports_a_broken_directory(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a saved MASS model" in capsys.readouterr().err
