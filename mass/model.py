@@ -75,7 +75,8 @@ class MASSModel(nn.Module):
         self.state.mode = "base"
         arch: Architecture = detect(model)
         self.arch = arch
-        self.routing_layer = self.router_config.resolved_layer(arch.n_blocks)
+        self.routing_layers = self.router_config.resolved_layers(arch.n_blocks)
+        self.routing_layer = self.routing_layers[-1]  # the first pass stops here
         self._layers = install_layers(model, arch, self.state)
         self._combos: dict[tuple, list[int]] = {}
         self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
@@ -155,8 +156,20 @@ class MASSModel(nn.Module):
         missing = sorted(floats - covered)
         if missing:
             raise NotImplementedError(f"MASS does not know how to condition these parameters on tasks: {missing[:8]}")
-        fc1_key = self._fc1_key(self.routing_layer)
-        self.register_buffer("routing_basis", dec.lowrank[fc1_key].V.clone(), persistent=False)
+        self.register_buffer("routing_basis", self._routing_basis(dec), persistent=False)
+
+    def _routing_basis(self, dec: TaskDecomposition) -> torch.Tensor:
+        """(G, T, k, D): per routing block, each task's right-singular basis of the fc1 delta. With norm='sv'
+        rows are scaled by sqrt(s_i / s_1), so ‖Vx‖² becomes Σ (s_i / s_1)(v_i·x)² (still ≤ ‖x‖²)."""
+        bases = []
+        for layer in self.routing_layers:
+            f = dec.lowrank[self._fc1_key(layer)]
+            V = f.V.float()
+            if self.router_config.norm == "sv":
+                rel = f.S.float() / f.S.float()[:, :1].clamp_min(1e-12)
+                V = V * rel.sqrt().unsqueeze(-1)
+            bases.append(V)
+        return torch.stack(bases)
 
     def _fc1_key(self, layer: int) -> str:
         suffix = "mlp.fc1.weight" if self.arch.kind == "hf" else "mlp.c_fc.weight"
@@ -232,36 +245,42 @@ class MASSModel(nn.Module):
         return x.mean(seq_axis)
 
     def _first_pass(self, *inputs, **kwargs) -> tuple[torch.Tensor, object]:
-        """Run the merged model until block L's MLP input (or block L's output with prefix reuse)."""
+        """Run the first-pass model until the last routing block's MLP input (or, with prefix reuse, that
+        block's output). Returns the routing features (G, B, D) and the block output (or None)."""
         L = self.routing_layer
-        captured = {}
+        captured: dict = {}
 
-        def read_feature(module, args):
-            captured["feature"] = self._token(args[0], L)
-            if not self.reuse_prefix:
-                raise _StopForward
+        def reader(layer):
+            def read_feature(module, args):
+                captured[layer] = self._token(args[0], layer)
+                if layer == L and not self.reuse_prefix:
+                    raise _StopForward
+            return read_feature
 
         def read_block(module, args, output):
             captured["block"] = output
             raise _StopForward
 
-        handles = [self.arch.fc1[L].register_forward_pre_hook(read_feature)]
+        handles = [self.arch.fc1[layer].register_forward_pre_hook(reader(layer)) for layer in self.routing_layers]
         if self.reuse_prefix:
             handles.append(self.arch.blocks[L].register_forward_hook(read_block))
+        mode = "base" if self.router_config.features == "pretrained" else "merged"
         try:
-            with self.state.use("merged"):
+            with self.state.use(mode):
                 self._call(*inputs, **kwargs)
         except _StopForward:
             pass
         finally:
             for h in handles:
                 h.remove()
-        if "feature" not in captured:
+        if any(layer not in captured for layer in self.routing_layers):
             raise RuntimeError("the first pass never reached the routing layer")
-        return captured["feature"], captured.get("block")
+        return torch.stack([captured[layer] for layer in self.routing_layers]), captured.get("block")
 
-    def _route_features(self, feature: torch.Tensor) -> Routing:
-        residuals = mass_kernels.routing_residuals(feature, self.routing_basis.to(feature.dtype))
+    def _route_features(self, features: torch.Tensor) -> Routing:
+        residuals = mass_kernels.routing_residuals(features, self.routing_basis.to(features.dtype))
+        if residuals.shape[0] == 1:
+            residuals = residuals[0]
         return select_tasks(residuals, self.router_config)
 
     @torch.no_grad()

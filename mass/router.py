@@ -8,6 +8,8 @@ import torch
 
 _TOKENS = ("cls", "mean")
 _MODES = ("top1", "topk", "weighted")
+_FEATURES = ("merged", "pretrained")
+_NORMS = ("l2", "sv")
 
 
 @dataclass
@@ -19,6 +21,11 @@ class RouterConfig:
     over the selected set), ``weighted`` (softmax of the scores / ``temperature``; the ``max_tasks`` largest
     weights are kept, renormalised, and the blocks are summed with those weights — our reading of the mode).
     ``batch_level`` averages residuals over the batch and takes one decision for all samples.
+
+    Beyond the paper (defaults keep the paper's router): ``layers`` scores several blocks in the same first
+    pass (one stacked kernel launch) and sums their per-block standardised scores; ``features="pretrained"``
+    reads the routing features from θ0 instead of the TSV-M model; ``norm="sv"`` weights each basis direction
+    by its singular value relative to the task's largest (``"l2"``: the plain residual).
     """
 
     layer: Optional[int] = None
@@ -28,6 +35,9 @@ class RouterConfig:
     max_tasks: int = 2
     temperature: float = 1.0
     batch_level: bool = False
+    layers: Optional[list] = None
+    features: str = "merged"
+    norm: str = "l2"
 
     def __post_init__(self):
         if self.token not in _TOKENS:
@@ -42,17 +52,30 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.temperature must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"RouterConfig.threshold must lie in [0, 1), got {self.threshold!r}")
+        if self.features not in _FEATURES:
+            raise ValueError(f"RouterConfig.features must be one of {_FEATURES}, got {self.features!r}")
+        if self.norm not in _NORMS:
+            raise ValueError(f"RouterConfig.norm must be one of {_NORMS}, got {self.norm!r}")
+        if self.layers is not None:
+            layers = list(self.layers)
+            if not layers or any(not isinstance(l, int) or l < 0 for l in layers) or len(set(layers)) != len(layers):
+                raise ValueError(f"RouterConfig.layers must be distinct block indices >= 0, got {self.layers!r}")
+            self.layers = sorted(layers)
 
     @property
     def slots(self) -> int:
         """Tasks a sample can select (the K of the second pass)."""
         return 1 if self.mode == "top1" else self.max_tasks
 
-    def resolved_layer(self, n_blocks: int) -> int:
-        layer = default_layer(n_blocks) if self.layer is None else self.layer
-        if layer >= n_blocks:
-            raise ValueError(f"router layer {layer} does not exist: the encoder has {n_blocks} blocks (0-based)")
-        return layer
+    def resolved_layers(self, n_blocks: int) -> list[int]:
+        """The blocks whose MLP input is scored, ascending."""
+        layers = self.layers if self.layers is not None else [
+            default_layer(n_blocks) if self.layer is None else self.layer
+        ]
+        for layer in layers:
+            if layer >= n_blocks:
+                raise ValueError(f"router layer {layer} does not exist: the encoder has {n_blocks} blocks (0-based)")
+        return list(layers)
 
 
 def default_layer(n_blocks: int) -> int:
@@ -71,9 +94,20 @@ class Routing:
         return [[tasks[t] for t in row if t >= 0] for row in self.task_ids.tolist()]
 
 
-def select_tasks(residuals: torch.Tensor, config: RouterConfig) -> Routing:
-    """Turn residual norms (B, T) into a :class:`Routing` following ``config.mode``. Runs on the device."""
+def combine_scores(residuals: torch.Tensor) -> torch.Tensor:
+    """Scores (B, T), higher is better: ``-r`` for one block; for stacked blocks (G, B, T) the sum over blocks
+    of each block's scores standardised over tasks (so no block dominates by its feature scale)."""
     scores = -residuals.float()
+    if scores.dim() == 2:
+        return scores
+    z = (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-6)
+    return z.sum(0)
+
+
+def select_tasks(residuals: torch.Tensor, config: RouterConfig) -> Routing:
+    """Turn residual norms (B, T), or stacked per block (G, B, T), into a :class:`Routing` following
+    ``config.mode``. Runs on the device."""
+    scores = combine_scores(residuals)
     if config.batch_level:
         scores = scores.mean(0, keepdim=True).expand_as(scores)
     B, T = scores.shape
