@@ -132,7 +132,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick, cache_dir=args.cache_dir, n_tasks=args.tasks, seeds=args.seeds)
     return 0
