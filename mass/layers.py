@@ -191,7 +191,9 @@ class MASSConv2d(_TaskModule):
             return self._conv(x, self.merged_weight, self.merged_bias)
         y = self._conv(x, self.weight, self.bias)
         entries, weights = self.state.entries, self.state.weights
-        # One conv per bank entry over the samples that use it (rows grouped on the device).
+        if x.is_cuda:
+            return y + self._grouped_delta(x)
+        # CPU: one conv per bank entry over the samples that use it.
         for e in range(self.task_weight.shape[0]):
             coef = (weights * (entries == e)).sum(1)
             rows = coef.nonzero().squeeze(1)
@@ -201,6 +203,16 @@ class MASSConv2d(_TaskModule):
             delta = self._conv(x.index_select(0, rows), self.task_weight[e], b)
             y = y.index_add(0, rows, delta * coef.index_select(0, rows).to(y.dtype).view(-1, 1, 1, 1))
         return y
+
+    def _grouped_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_j w_j conv(x_b, Δ_{e_bj}) for every sample in one grouped conv, without a host sync (so the
+        routed forward stays capturable in a CUDA graph); it gathers one weight delta per sample."""
+        B = x.shape[0]
+        w = self.state.sample_delta(self.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
+        b = None if self.task_bias is None else self.state.sample_delta(self.task_bias).to(x.dtype).reshape(-1)
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), b, self.stride, self.padding,
+                       self.dilation, self.groups * B)
+        return out.view(B, -1, *out.shape[2:])
 
 
 class MASSMultiheadAttention(_TaskModule):
