@@ -281,6 +281,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     p.add_argument("--providers", nargs="+", default=list(LOWRANK_PROVIDERS), choices=list(LOWRANK_PROVIDERS))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--repeats", type=int, default=None, help="CPU: minimum timed rounds")
     p.add_argument("--warmup", type=int, default=2, help="CPU: warm-up rounds")
     p.add_argument("--min-time", type=float, default=0.0, help="CPU: keep timing until this many seconds")
@@ -294,6 +295,8 @@ def add_arguments(p: argparse.ArgumentParser):
 def resolve(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = device.type == "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         defaults = dict(models=["B32"], layers=["fc1", "fc2"], batches=[8, 32], tasks=[8], topk=[1, 2],
                         mix=["mixed", "homogeneous"], repeats=7, max_time=20.0)

@@ -1,7 +1,7 @@
 """pytest-benchmark view of the microbenchmarks (not collected by CI, which runs tests/ only):
 
     PYTHONPATH=. pytest bench/test_microbench.py --benchmark-only
-    PYTHONPATH=. pytest bench/test_microbench.py --benchmark-only --benchmark-group-by=param:case
+    MASS_BENCH_THREADS=1 PYTHONPATH=. pytest bench/test_microbench.py --benchmark-only   # shared/busy CPU
 
 One ViT-B/32 shape per case (fc1, batch 8, T = 8), every provider; outputs are checked against the reference
 before timing. CPU only timing through pytest-benchmark's own timer (for CUDA use bench/microbench.py, which
@@ -9,13 +9,20 @@ uses triton.testing.do_bench).
 """
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 _spec = importlib.util.spec_from_file_location("microbench", os.path.join(os.path.dirname(__file__), "microbench.py"))
 mb = importlib.util.module_from_spec(_spec)
+sys.modules["microbench"] = mb  # dataclasses look their module up in sys.modules
 _spec.loader.exec_module(mb)
+
+# On a shared CPU, torch's default OpenMP thread count can make many-small-op providers erratic (a descheduled
+# thread stalls every parallel region): MASS_BENCH_THREADS=1 pins torch to one thread.
+if os.environ.get("MASS_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["MASS_BENCH_THREADS"]))
 
 CASES = {
     "B32-fc1-b8-T8-top1-mixed": mb.LowrankCase("B32", "fc1", 8, 8, 1, "mixed", "fp32"),
