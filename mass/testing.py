@@ -7,6 +7,7 @@ beside the CPU torch build here.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -108,3 +109,38 @@ def finetuned_like(model: nn.Module, n_tasks: int, scale: float = 0.05, seed: in
                 sd[key] = value.clone()
         out[f"task{t}"] = sd
     return out
+
+
+@torch.no_grad()
+def random_decomposition(model: nn.Module, n_tasks: int, rank=None, seed: int = 0, scale: float = 0.02):
+    """A :class:`~mass.decompose.TaskDecomposition` of ``model`` with random factors of the right shapes.
+
+    FOR LATENCY / MEMORY BENCHMARKS ONLY: no fine-tuned checkpoints and no SVDs. Every 2-D weight gets T
+    factor triples with k = ``resolve_rank(rank, shape, T)`` (floor(min(out, in) / T) by default): V with
+    orthonormal rows (QR of a Gaussian matrix), U Gaussian with unit-norm columns, S positive, sized so the
+    delta is about ``scale`` of the weight's spread. Non-2-D float params get T whole values (θ0 + noise).
+    Routing decisions on such a model are meaningless; shapes, storage and FLOPs are exact.
+    """
+    from .decompose import LowRankFactors, TaskDecomposition, resolve_rank
+
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dec = TaskDecomposition(tasks=[f"task{t}" for t in range(n_tasks)], base=base)
+    for key, value in base.items():
+        if not value.is_floating_point():
+            continue
+        v32 = value.float()
+        spread = float(v32.std()) + 1e-3 if v32.numel() > 1 else 1e-2
+        if value.dim() == 2:
+            out_f, in_f = value.shape
+            k = resolve_rank(rank, tuple(value.shape), n_tasks, key)
+            q, _ = torch.linalg.qr(torch.randn(n_tasks, in_f, k, generator=gen))  # (T, in, k), orthonormal cols
+            V = q.transpose(1, 2).contiguous()
+            U = torch.randn(n_tasks, out_f, k, generator=gen)
+            U = U / U.norm(dim=1, keepdim=True)
+            S = (0.5 + torch.rand(n_tasks, k, generator=gen)) * scale * spread * math.sqrt(out_f * in_f / k)
+            dec.lowrank[key] = LowRankFactors(U, S, V)
+        else:
+            noise = torch.randn((n_tasks, *value.shape), generator=gen)
+            dec.dense[key] = v32.unsqueeze(0) + scale * spread * noise
+    return dec

@@ -1,0 +1,203 @@
+"""Timing, memory and environment helpers shared by ``mass bench`` and ``bench/microbench.py``.
+
+CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (it flushes the L2 cache and synchronises),
+peak memory from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+CPU: a timer loop with warm-up; several providers are timed in interleaved rounds (one call of each per round)
+so that a background load hits all of them alike; peak memory is the largest resident-set growth seen by a
+sampling thread reading ``/proc/self/statm`` during one call (coarse: the allocator reuses freed memory, so it
+can under-count; ``None`` where /proc is missing).
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def quantiles_ms(samples_s: Sequence[float]) -> dict:
+    t = torch.tensor(list(samples_s), dtype=torch.float64) * 1e3
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "n": len(samples_s)}
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cuda(fn: Callable[[], object], rep_ms: int = 200, warmup_ms: int = 25) -> dict:
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "n": None, "timer": "triton.testing.do_bench"}
+
+
+def time_interleaved_cpu(
+    fns: dict, repeats: int = 10, warmup: int = 2, min_time_s: float = 0.0, max_time_s: float = float("inf")
+) -> dict:
+    """Time every callable in ``fns`` in rounds (one call each per round); returns name -> quantiles."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        if rounds >= repeats and elapsed >= min_time_s:
+            break
+        if rounds >= 3 and elapsed >= max_time_s:
+            break
+    out = {}
+    for name, s in samples.items():
+        out[name] = quantiles_ms(s)
+        out[name]["timer"] = "perf_counter interleaved rounds"
+    return out
+
+
+def time_providers(fns: dict, device: torch.device, **cpu_kwargs) -> dict:
+    if device.type == "cuda":
+        return {name: time_cuda(fn) for name, fn in fns.items()}
+    return time_interleaved_cpu(fns, **cpu_kwargs)
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak memory of one call: CUDA max allocated (absolute and above the pre-call level), CPU RSS growth."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": peak, "peak_above_start_bytes": peak - before,
+                "method": "torch.cuda.max_memory_allocated"}
+    base = _rss_bytes()
+    if base is None:
+        return {"peak_bytes": None, "peak_above_start_bytes": None, "method": "n/a (no /proc/self/statm)"}
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            r = _rss_bytes()
+            if r is not None and r > peak[0]:
+                peak[0] = r
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    peak[0] = max(peak[0], _rss_bytes() or 0)
+    return {"peak_bytes": peak[0], "peak_above_start_bytes": peak[0] - base,
+            "method": "RSS growth during one call, sampled from /proc/self/statm every 0.5 ms (coarse)"}
+
+
+def tensor_bytes(*objs) -> int:
+    """Bytes of all distinct tensor storages held (parameters and buffers of modules, or tensors)."""
+    seen, total = set(), 0
+    for obj in objs:
+        tensors = []
+        if isinstance(obj, torch.nn.Module):
+            tensors = list(obj.parameters()) + [b for b in obj.buffers() if b is not None]
+        elif isinstance(obj, torch.Tensor):
+            tensors = [obj]
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        base = torch.cuda.get_device_name(device)
+    else:
+        base = f"cpu-{os.cpu_count()}core"
+    return "".join(c if c.isalnum() else "-" for c in base.lower()).strip("-")
+
+
+def git_commit() -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional on CPU
+        triton_version = None
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except Exception:  # noqa: BLE001
+        tf_version = None
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": tf_version,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_start": load,
+        "kernel_impl_env": os.environ.get("MASS_KERNEL_IMPL") or None,
+    }

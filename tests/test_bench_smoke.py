@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark code paths on tiny shapes: structure of the results, not timings."""
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+from mass import bench
+from mass.testing import random_decomposition, tiny_hf_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_random_decomposition_shapes():
+    model = tiny_hf_clip(layers=2)
+    dec = random_decomposition(model, 4)
+    f = dec.lowrank["encoder.layers.0.mlp.fc1.weight"]
+    assert f.U.shape == (4, 64, 8) and f.S.shape == (4, 8) and f.V.shape == (4, 8, 32)
+    eye = f.V[0] @ f.V[0].T
+    assert torch.allclose(eye, torch.eye(8), atol=1e-5)
+    assert bool((f.S > 0).all())
+    assert 1.0 < dec.storage_factor() < 4.0
+
+
+def test_e2e_bench_tiny(tmp_path):
+    report = bench.run_bench(["--models", "tiny", "--tasks", "2", "--batches", "3", "--mix", "mixed", "router",
+                              "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    rows = report["results"]
+    assert {r["provider"] for r in rows} == set(bench.PROVIDERS)
+    for r in rows:
+        if r["provider"] == "ours_graph" and not torch.cuda.is_available():
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert {"median_ms", "p20_ms", "p80_ms", "ratio_to_plain", "stored_vs_pretrained", "memory"} <= set(r)
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    plain = [r for r in rows if r["provider"] == "plain"]
+    assert all(abs(r["ratio_to_plain"] - 1.0) < 1e-9 and r["stored_vs_pretrained"] == 1.0 for r in plain)
+    assert all(r["stored_vs_pretrained"] == 2.0 for r in rows if r["provider"] == "ensemble")
+    assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours")
+    for env_key in ("device", "torch", "triton", "git_commit", "date"):
+        assert env_key in report["env"]
+    names = os.listdir(tmp_path)
+    assert any(n.endswith(".json") for n in names) and any(n.endswith(".png") for n in names)
+    assert any(n.endswith("-summary.md") for n in names)
+
+
+def _load_microbench():
+    spec = importlib.util.spec_from_file_location("microbench", os.path.join(ROOT, "bench", "microbench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["microbench"] = mod  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_microbench_one_tiny_shape(tmp_path, monkeypatch):
+    mb = _load_microbench()
+    monkeypatch.setitem(mb.MODELS, "tiny", (32, 64, 5))
+    args = mb.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--models", "tiny", "--layers", "fc1", "--batches", "2", "--tasks", "4", "--topk", "1", "2",
+         "--mix", "mixed", "--repeats", "2", "--warmup", "0", "--no-compile", "--device", "cpu",
+         "--out", str(tmp_path)])
+    args.models = ["tiny"]
+    result = mb.run_microbench(args)
+    rows = result["results"]
+    low = [r for r in rows if r["op"] == "lowrank_linear"]
+    assert {r["provider"] for r in low} == set(mb.LOWRANK_PROVIDERS)
+    for r in rows:
+        if r["provider"] == "compiled":
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["ratio_to_floor"] > 0
+        if r["provider"] != "floor":
+            assert r["max_rel_err"] < 1e-3
+    assert {r["op"] for r in rows} == {"lowrank_linear", "routing_residuals"}
+    assert any(n.endswith(".json") for n in os.listdir(tmp_path))
+
+
+def test_microbench_catches_a_wrong_provider(monkeypatch):
+    mb = _load_microbench()
+    ref = torch.ones(4, 4)
+    to_time, info = mb._prepare({"floor": lambda: ref, "bad": lambda: ref * 2, "good": lambda: ref.clone()},
+                                ref, "fp32", torch.device("cpu"), None)
+    assert set(to_time) == {"floor", "good"}
+    assert info["bad"]["status"] == "failed"
