@@ -86,7 +86,7 @@ class AuthorsProcedure:
             mm.forward_merged(pixel_values=x)  # the whole TSV-M model
         finally:
             handle.remove()
-        routing = mm._route_features(feat["f"])
+        routing = mm._route_features(feat["f"].unsqueeze(0))  # one routing block: (G=1, B, D)
         ids = routing.task_ids[:, 0] if forced is None else forced
         out = None
         for t in ids.unique().tolist():  # host sync: the groups present in the batch
