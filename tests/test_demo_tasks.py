@@ -46,7 +46,7 @@ def test_deterministic_and_worker_independent(tasks):
 
 
 def test_train_test_and_pretrain_disjoint(tasks):
-    pool, fam, fams = make_pretrain_pool(n_per_family=16, seed=0, workers=1)
+    pool, fam, cls, fams = make_pretrain_pool(n_per_family=16, seed=0, workers=1)
     assert set(TASK_NAMES) <= set(fams)
     pool_set = {bytes(x.tobytes()) for x in pool}
     from mass.demo.tasks import _digits_pool, SPLIT_PRETRAIN, SPLIT_TEST, SPLIT_TRAIN

@@ -917,11 +917,13 @@ def make_pretrain_pool(n_per_family: int = 2000, seed: int = 0, workers: Optiona
     plus natural-photo crops, from the pretraining seed stream (disjoint from every train/test split; for
     ``digits`` drawn only from the non-test source digits).
 
-    Returns uint8 images (N, 32, 32, 3), family ids (N,), family names. Class labels are *not* returned:
-    pretraining never sees a task's class labels.
+    Returns uint8 images (N, 32, 32, 3), family ids (N,), per-family class labels (N,; -1 for the photo
+    family, which has no classes), family names.
     """
     fams = pretrain_families()
     res = _run_jobs([(name, n_per_family, seed, SPLIT_PRETRAIN) for name in fams], workers)
     xs = [x for x, _ in res]
     ys = [np.full(len(x), fid, np.int64) for fid, x in enumerate(xs)]
-    return np.concatenate(xs), np.concatenate(ys), fams
+    cs = [(y.astype(np.int64) if name in TASK_NAMES else np.full(len(y), -1, np.int64))
+          for name, (_, y) in zip(fams, res)]
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs), fams
