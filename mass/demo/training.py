@@ -84,7 +84,7 @@ class DemoConfig:
     # fine-tuning
     finetune_steps: int = 200
     finetune_batch: int = 64
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-3
     finetune_wd: float = 0.1
     warmup_frac: float = 0.1
     logit_scale: float = 100.0
