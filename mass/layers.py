@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mass_kernels
+from mass_kernels.reference import lowrank_linear_segments_torch
 
 MODES = ("base", "merged", "tasks")
 
@@ -29,18 +30,29 @@ class PassState:
         self.mode = "merged"
         self.entries: Optional[torch.Tensor] = None
         self.weights: Optional[torch.Tensor] = None
+        self.segments: Optional[list] = None  # CPU fast path: (slot, entry, first sample, end sample)
         self._row_cache: dict = {}
 
     @contextlib.contextmanager
-    def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None):
+    def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+            segments: Optional[list] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        saved = (self.mode, self.entries, self.weights, self._row_cache)
-        self.mode, self.entries, self.weights, self._row_cache = mode, entries, weights, {}
+        saved = (self.mode, self.entries, self.weights, self.segments, self._row_cache)
+        self.mode, self.entries, self.weights, self.segments, self._row_cache = mode, entries, weights, segments, {}
         try:
             yield self
         finally:
-            self.mode, self.entries, self.weights, self._row_cache = saved
+            self.mode, self.entries, self.weights, self.segments, self._row_cache = saved
+
+    def row_segments(self, lead_shape: tuple, batch_axis: int) -> Optional[list]:
+        """Sample segments scaled to rows, when each sample's rows are contiguous (batch axis first)."""
+        if self.segments is None or batch_axis != 0 or lead_shape[0] != self.batch_size:
+            return None
+        per_sample = 1
+        for d in lead_shape[1:]:
+            per_sample *= d
+        return [(slot, e, a * per_sample, b * per_sample) for slot, e, a, b in self.segments]
 
     @property
     def batch_size(self) -> int:
@@ -130,6 +142,14 @@ class MASSLinear(_TaskModule):
             self._require_merged()
             return F.linear(x, self.merged_weight, self.merged_bias)
         lead = x.shape[:-1]
+        segments = self.state.row_segments(lead, self.batch_axis)
+        if segments is not None and not x.is_cuda:
+            _, row_weights = self.state.rows(lead, self.batch_axis)
+            y = lowrank_linear_segments_torch(
+                x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
+                segments, row_weights, self.task_bias,
+            )
+            return y.view(*lead, self.out_features)
         row_entries, row_weights = self.state.rows(lead, self.batch_axis)
         y = mass_kernels.lowrank_linear(
             x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,

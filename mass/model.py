@@ -48,6 +48,22 @@ def extract_embedding(output) -> torch.Tensor:
     raise TypeError(f"cannot find an image embedding in a {type(output).__name__}")
 
 
+def _take(obj, order: torch.Tensor, batch: int, axis: int = 0):
+    """Reorder the samples of every tensor in ``obj`` (tensors, tuples, dicts, HF ModelOutputs)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() > axis and obj.shape[axis] == batch:
+            return obj.index_select(axis, order.to(obj.device))
+        return obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_take(v, order, batch, axis) for v in obj)
+    if isinstance(obj, list):
+        return [_take(v, order, batch, axis) for v in obj]
+    if isinstance(obj, dict):
+        items = {k: _take(v, order, batch, axis) for k, v in obj.items()}
+        return type(obj)(**items) if type(obj) is not dict else items
+    return obj
+
+
 class MASSModel(nn.Module):
     """T fine-tuned encoders served as one: route on a first (merged) pass, apply the selected tasks' blocks
     in one batched second pass. Build with :func:`merge` or :meth:`from_pretrained`."""
@@ -414,10 +430,39 @@ class MASSModel(nn.Module):
             batch, device = self._batch_of(inputs, kwargs)
             routing = self._forced_routing(task_ids, batch, device)
         entries, weights = self._entries(routing)
+        order, segments = None, None
+        if not entries.is_cuda:
+            order, segments = self._group_samples(entries, weights)
+        if order is not None:
+            inputs, kwargs = _take(inputs, order, entries.shape[0]), _take(kwargs, order, entries.shape[0])
+            entries, weights = entries[order], weights[order]
+            if block_output is not None:
+                block_output = _take(block_output, order, entries.shape[0], self.arch.batch_axes[self.routing_layer])
         replay = self._replay_prefix(block_output) if block_output is not None else contextlib.nullcontext()
-        with self.state.use("tasks", entries, weights), replay:
+        with self.state.use("tasks", entries, weights, segments), replay:
             out = self._call(*inputs, **kwargs)
+        if order is not None:
+            out = _take(out, torch.argsort(order), entries.shape[0])
         return (out, routing) if return_routing else out
+
+    @staticmethod
+    def _group_samples(entries: torch.Tensor, weights: torch.Tensor):
+        """CPU fast path: order samples by their slot-0 entry and list each slot's contiguous runs, so every
+        task block is a slice of rows. One host sync per forward; (None, None) when slots stay scattered."""
+        order = torch.argsort(entries[:, 0], stable=True)
+        sorted_entries = entries[order]
+        segments = []
+        for slot in range(entries.shape[1]):
+            values, counts = torch.unique_consecutive(sorted_entries[:, slot], return_counts=True)
+            values, counts = values.tolist(), counts.tolist()
+            if len(set(values)) != len(values):  # an entry split over several runs: not contiguous
+                return None, None
+            start = 0
+            for value, count in zip(values, counts):
+                if value >= 0:
+                    segments.append((slot, value, start, start + count))
+                start += count
+        return order, segments
 
     @staticmethod
     def _batch_of(inputs, kwargs):

@@ -61,3 +61,31 @@ def lowrank_linear_torch(
                 delta = delta * row_weights.index_select(0, rows)[:, slot, None].float()
             y.index_add_(0, rows, delta)
     return y.to(x.dtype)
+
+
+def lowrank_linear_segments_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CPU fast path of ``lowrank_linear`` when rows are already grouped: ``segments`` lists
+    ``(slot, task, start, stop)`` row ranges. Each task block is a slice and an in-place ``addmm_`` on the
+    output (no gather/scatter copies). Same result as :func:`lowrank_linear_torch` for the same grouping."""
+    y = F.linear(x, weight, bias)
+    for slot, t, start, stop in segments:
+        xs = x[start:stop]
+        h = (xs @ V[t].T) * S[t]
+        w = None if row_weights is None else row_weights[start:stop, slot, None].to(h.dtype)
+        if w is not None:
+            h = h * w
+        ys = y[start:stop]
+        ys.addmm_(h, U[t].T)
+        if task_bias is not None:
+            ys.add_(task_bias[t] if w is None else w * task_bias[t])
+    return y
