@@ -45,6 +45,14 @@ class PassState:
         finally:
             self.mode, self.entries, self.weights, self.segments, self._row_cache = saved
 
+    @property
+    def unit_weights(self) -> bool:
+        """Every selected entry has weight 1 (top-1 and TSV-M sets): weights need not be applied."""
+        if "unit" not in self._row_cache:
+            valid = self.entries >= 0
+            self._row_cache["unit"] = bool((self.weights[valid] == 1).all())
+        return self._row_cache["unit"]
+
     def row_segments(self, lead_shape: tuple, batch_axis: int) -> Optional[list]:
         """Sample segments scaled to rows, when each sample's rows are contiguous (batch axis first)."""
         if self.segments is None or batch_axis != 0 or lead_shape[0] != self.batch_size:
@@ -144,7 +152,7 @@ class MASSLinear(_TaskModule):
         lead = x.shape[:-1]
         segments = self.state.row_segments(lead, self.batch_axis)
         if segments is not None and not x.is_cuda:
-            _, row_weights = self.state.rows(lead, self.batch_axis)
+            row_weights = None if self.state.unit_weights else self.state.rows(lead, self.batch_axis)[1]
             y = lowrank_linear_segments_torch(
                 x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
                 segments, row_weights, self.task_bias,

@@ -202,9 +202,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"# MASS offline demo ({'quick' if report['quick'] else 'full'}, {len(names)} tasks, "
              f"{seeds} seed{'s' if seeds > 1 else ''})", "",
              f"commit `{report['commit']}`, {report['date']}, {report['machine']}, torch {report['torch']}", "",
-             "Absolute accuracy per task (%, seed %d), average, and normalised accuracy "
-             "(merged / individual, averaged over tasks)%s." % (
-                 first["seed"], "; ± is the std over seeds" if seeds > 1 else ""), ""]
+             f"Absolute accuracy per task (%, seed {first['seed']}), average, and normalised accuracy "
+             f"(merged / individual, averaged over tasks){'; ± is the std over seeds' if seeds > 1 else ''}.", ""]
     head = "| method | " + " | ".join(names) + " | avg acc | **normalised** | routing acc | latency ×plain |"
     lines += [head, "|" + "---|" * (len(names) + 5)]
     for m, entry in summary.items():
