@@ -94,8 +94,10 @@ def _mass_variants(n_blocks: int, default_layer: int, quick: bool) -> dict[str, 
         "router: token=mean": (dict(layer=L, token="mean"), {}),
         "router: norm=sv": (dict(layer=L, norm="sv"), {}),
         "router: features=pretrained": (dict(layer=L, features="pretrained"), {}),
+        "router: features=pretrained, top1": (dict(layer=L, features="pretrained", mode="top1"), {}),
         f"router: layers={multi}": (dict(layers=multi), {}),
         f"router: layers={multi}, pretrained": (dict(layers=multi, features="pretrained"), {}),
+        f"router: layers={multi}, pretrained, top1": (dict(layers=multi, features="pretrained", mode="top1"), {}),
     }
 
 
@@ -107,7 +109,7 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
     torch.manual_seed(seed)
     rows: dict[str, dict] = {}
 
-    stage = tqdm(total=5 + 8, desc=f"evaluate (seed {seed})", disable=not progress)
+    stage = tqdm(total=5 + len(_mass_variants(1, 1, quick)), desc=f"evaluate (seed {seed})", disable=not progress)
     individual = {}
     for t in art.tasks:
         individual[t.name] = art.metrics.get(t.name, {}).get("finetuned_acc")
@@ -140,13 +142,14 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
         stage.update()
     stage.close()
 
-    # Routing accuracy per block, CLS vs mean token (top-1, merged features).
-    per_block = {"cls": [], "mean": []}
-    for token in per_block:
+    # Routing accuracy per block: CLS vs mean token, TSV-M (paper) vs pretrained features (top-1).
+    per_block = {f"{token}/{features}": [] for features in ("merged", "pretrained") for token in ("cls", "mean")}
+    for name in per_block:
+        token, features = name.split("/")
         for block in range(n_blocks):
-            model = mass.MASSModel(copy.deepcopy(art.pretrained), dec,
-                                   router=mass.RouterConfig(layer=block, token=token, mode="top1"))
-            per_block[token].append(_routing_accuracy(model, art))
+            model = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(
+                layer=block, token=token, mode="top1", features=features))
+            per_block[name].append(_routing_accuracy(model, art))
 
     for row in rows.values():
         row["normalized"] = {t: row["acc"][t] / individual[t] for t in names}
@@ -218,13 +221,17 @@ def render_markdown(report: dict) -> str:
               "Routing acc: share of test images whose selected task set contains their task. "
               "Latency: routed MASS forward / one plain forward, same mixed batch of "
               f"{8 * len(names)} images, same run, CPU.", "",
-              "Routing accuracy (top-1) per block, merged features:", "",
-              "| token | " + " | ".join(f"block {b}" for b in range(len(first["routing_per_block"]["cls"]))) + " |",
-              "|" + "---|" * (len(first["routing_per_block"]["cls"]) + 1)]
-    for token in ("cls", "mean"):
-        vals = [statistics.mean(r["routing_per_block"][token][b] for r in runs)
-                for b in range(len(first["routing_per_block"][token]))]
-        lines.append(f"| {token} | " + " | ".join(_pct(v) for v in vals) + " |")
+              "Routing accuracy (top-1, %) per block whose MLP input is read"
+              + (f", mean ± std over {seeds} seeds" if seeds > 1 else "") + ":", ""]
+    n_blocks = len(next(iter(first["routing_per_block"].values())))
+    lines += ["| token / features | " + " | ".join(f"block {b}" for b in range(n_blocks)) + " |",
+              "|" + "---|" * (n_blocks + 1)]
+    for name in first["routing_per_block"]:
+        cells = []
+        for b in range(n_blocks):
+            m, sd = _mean_std([r["routing_per_block"][name][b] for r in runs])
+            cells.append(_pct(m, sd if seeds > 1 else None))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,11 +260,11 @@ def render_plots(report: dict, out_dir: Path) -> list[str]:
     plt.close(fig)
 
     runs = report["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for token, style in (("cls", "-o"), ("mean", "--s")):
-        per = [statistics.mean(r["routing_per_block"][token][b] for r in runs)
-               for b in range(len(runs[0]["routing_per_block"][token]))]
-        ax.plot(range(len(per)), [100 * p for p in per], style, label=token)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    styles = {"cls/merged": "-o", "mean/merged": "--s", "cls/pretrained": "-^", "mean/pretrained": "--v"}
+    for name, per_seed in runs[0]["routing_per_block"].items():
+        per = [statistics.mean(r["routing_per_block"][name][b] for r in runs) for b in range(len(per_seed))]
+        ax.plot(range(len(per)), [100 * p for p in per], styles.get(name, "-"), label=name)
     ax.axhline(100 / len(runs[0]["tasks"]), color="gray", lw=0.8, ls=":", label="chance")
     ax.set_xlabel("block whose MLP input is read")
     ax.set_ylabel("routing accuracy (top-1, %)")
