@@ -35,7 +35,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_name)`` then rename: readers never see a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -69,7 +70,7 @@ def save_mass(model, directory) -> None:
     heads = None if model.heads is None else {t: model.head(t) for t in model.tasks}
     tensors = decomposition_tensors(dec, heads)
     tensor_path = directory / TENSORS_NAME
-    _atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mass", "version": "1"}))
+    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mass", "version": "1"}))
     config = {
         "format_version": FORMAT_VERSION,
         "architecture": model.arch.kind,
@@ -83,7 +84,7 @@ def save_mass(model, directory) -> None:
         "storage_factor": dec.storage_factor(),
         "tensors_sha256": _sha256(tensor_path),
     }
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def read_saved(directory) -> tuple[dict, TaskDecomposition, dict | None]:
