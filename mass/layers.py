@@ -27,7 +27,7 @@ class PassState:
     entries). In ``tasks`` mode, ``entries`` (B, K) index the layers' banks (-1 = none) with ``weights`` (B, K)."""
 
     def __init__(self):
-        self.mode = "merged"
+        self.mode = "base"
         self.entries: Optional[torch.Tensor] = None
         self.weights: Optional[torch.Tensor] = None
         self.segments: Optional[list] = None  # CPU fast path: (slot, entry, first sample, end sample)

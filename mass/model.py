@@ -88,7 +88,6 @@ class MASSModel(nn.Module):
         self.max_cached_combos = max_cached_combos
         self.model = model
         self.state = PassState()
-        self.state.mode = "base"
         arch: Architecture = detect(model)
         self.arch = arch
         self.routing_layers = self.router_config.resolved_layers(arch.n_blocks)
