@@ -80,3 +80,10 @@ def test_cli_user_errors_are_one_line(checkpoints, capsys, argv_tail, message):
 def test_cli_inspect_reports_a_broken_directory(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a saved MASS model" in capsys.readouterr().err
+
+
+def test_cli_bench_exits_zero_on_a_tiny_model(capsys):
+    rc = main(["bench", "--models", "tiny", "--tasks", "2", "--batches", "1", "--providers", "plain", "ours",
+               "--repeats", "1", "--out", ""])
+    assert rc == 0
+    assert "ours" in capsys.readouterr().out
