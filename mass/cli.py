@@ -86,7 +86,7 @@ def cmd_merge(args) -> int:
 
     finetuned = _parse_finetuned(args.finetuned)
     rank = _parse_rank(args.rank)
-    router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token)
+    router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features)
     for name, path in finetuned.items():
         if not Path(path).exists():
             raise UserError(f"checkpoint {name!r}: no such file {path}")
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
     merge.add_argument("--mode", default="topk", choices=["top1", "topk", "weighted"])
     merge.add_argument("--token", default="cls", choices=["cls", "mean"])
+    merge.add_argument("--features", default="merged", choices=["merged", "pretrained"],
+                       help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--allow-pickle", action="store_true", help="accept pickled modules in .pt files")
     merge.add_argument("--quiet", action="store_true")

@@ -106,6 +106,8 @@ class MASSModel(nn.Module):
     def _keeps_merged(self, name: str, order: dict[str, int]) -> bool:
         if self.keep_merged == "all":
             return True
+        if self.router_config.features == "pretrained" and not self.reuse_prefix:
+            return False  # the first pass runs θ0: no merged weights are needed at all
         blk = block_of(self.arch, name)
         if blk is not None:
             return blk <= self.routing_layer

@@ -94,3 +94,14 @@ def test_combine_scores_single_block_is_plain_negative_residual():
 def test_router_option_validation(bad):
     with pytest.raises(ValueError):
         mass.RouterConfig(**bad)
+
+
+def test_pretrained_features_hold_no_merged_weights(images):
+    pretrained, finetuned, _ = make_setup("hf")
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig.recommended(layer=2), progress=False)
+    assert model.router_config.features == "pretrained" and model.router_config.mode == "top1"
+    layers = [m for m in model.model.modules() if hasattr(m, "merged_weight")]
+    assert layers and all(m.merged_weight is None for m in layers)
+    routing = model.route(images)  # the first pass runs θ0 and never touches merged weights
+    assert routing.task_ids.shape == (images.shape[0], 1)
+    assert mass.RouterConfig() == mass.RouterConfig(features="merged", mode="topk")  # defaults stay the paper's
