@@ -83,9 +83,9 @@ def _latency_ratio(model: mass.MASSModel, plain: torch.nn.Module, images: torch.
     return ours / floor
 
 
-def _mass_variants(n_blocks: int, default_layer: int, quick: bool) -> dict[str, tuple[dict, dict]]:
-    """name -> (RouterConfig kwargs, MASSModel kwargs). The first three are the issue-5 rows."""
-    L = default_layer
+def _mass_variants(L: int) -> dict[str, tuple[dict, dict]]:
+    """name -> (RouterConfig kwargs, MASSModel kwargs) with the paper's block L. The first three are the
+    issue-5 rows; the rest are the router study of issue 6."""
     multi = [max(0, L - 2), L - 1, L] if L >= 1 else [L]
     return {
         "MASS (top1)": (dict(layer=L, mode="top1"), {}),
@@ -109,7 +109,7 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
     torch.manual_seed(seed)
     rows: dict[str, dict] = {}
 
-    stage = tqdm(total=5 + len(_mass_variants(1, 1, quick)), desc=f"evaluate (seed {seed})", disable=not progress)
+    stage = tqdm(total=5 + len(_mass_variants(1)), desc=f"evaluate (seed {seed})", disable=not progress)
     individual = {}
     for t in art.tasks:
         individual[t.name] = art.metrics.get(t.name, {}).get("finetuned_acc")
@@ -132,7 +132,7 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
     L = art.config.router_block
     batch = torch.cat([t.test_images[:8] for t in art.tasks])  # a mixed batch for latency
     plain = copy.deepcopy(art.pretrained).eval()
-    for name, (router_kw, model_kw) in _mass_variants(n_blocks, L, quick).items():
+    for name, (router_kw, model_kw) in _mass_variants(L).items():
         model = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(**router_kw),
                                heads=art.heads, **model_kw)
         row = _evaluate_mass(model, art)
