@@ -210,3 +210,17 @@ def test_conv_grouped_delta_matches_per_entry_loop():
         loop = conv(x)
         grouped = conv._conv(x, conv.weight, conv.bias) + conv._grouped_delta(x)
     torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_model_cast_to_bf16_serves_close_to_fp32(arch, images):
+    """.to(bfloat16) moves every bank and merged weight (including the hidden in_proj wrapper)."""
+    pretrained, finetuned, _ = make_setup(arch)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=2, threshold=0.1), progress=False)
+    forced = torch.tensor([[0, -1], [1, 2], [2, -1], [0, 1], [1, -1], [2, 0]])
+    want = emb(model(images, task_ids=forced)).float()
+    model.to(torch.bfloat16)
+    got = emb(model(images.bfloat16(), task_ids=forced))
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 0.05
+    out, routing = model(images.bfloat16(), return_routing=True)
+    assert routing.task_ids.shape == (images.shape[0], 2) and torch.isfinite(emb(out).float()).all()
