@@ -14,6 +14,7 @@ import torch
 from mass.testing import OpenCLIPStyleViT, finetuned_like, tiny_hf_clip
 
 ARCHS = ["hf", "hf_proj", "openclip_bf", "openclip_sf"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_model(arch: str, seed: int = 0, layers: int = 4):

@@ -4,21 +4,15 @@ On CPU the kernels run under the Triton interpreter. Note: under the interpreter
 upcast to fp32 before tl.dot (interpreter bug workaround), so the bf16 tensor-core MMA path is only
 exercised when these tests run on a CUDA machine.
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must happen before triton is imported anywhere
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import mass_kernels
+import mass_kernels.lowrank as lowrank_mod
+from mass_kernels.lowrank import lowrank_linear_triton
+from mass_kernels.reference import lowrank_linear_torch
 
-import pytest  # noqa: E402
-
-import mass_kernels  # noqa: E402
-import mass_kernels.lowrank as lowrank_mod  # noqa: E402
-from mass_kernels.lowrank import lowrank_linear_triton  # noqa: E402
-from mass_kernels.reference import lowrank_linear_torch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE  # conftest also switches on the Triton interpreter when there is no GPU
 
 # (atol, rtol) per dtype, outputs of magnitude ~1-5. Low precision: y is rounded to the dtype and h
 # is rounded to the dtype before the expand MMA, while the oracle stays in fp32 until the end.

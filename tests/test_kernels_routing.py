@@ -1,18 +1,12 @@
 """Triton routing-residual kernel vs the PyTorch oracle (interpreter on CPU, real kernel on CUDA)."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # must happen before triton is imported anywhere
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import mass_kernels
+from mass_kernels.reference import routing_residuals_torch
+from mass_kernels.routing import routing_residuals_triton
 
-import pytest  # noqa: E402
-
-import mass_kernels  # noqa: E402
-from mass_kernels.reference import routing_residuals_torch  # noqa: E402
-from mass_kernels.routing import routing_residuals_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE  # conftest also switches on the Triton interpreter when there is no GPU
 
 # (atol, rtol) per input dtype. Output is fp32 in all cases; the oracle up-casts the very same
 # low-precision inputs, so only accumulation order (and fp16/bf16 MMA on GPU) differs.
