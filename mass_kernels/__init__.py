@@ -47,11 +47,11 @@ def routing_residuals(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
     Stacked blocks: x (G, N, D) with basis (G, T, k, D) → (G, N, T), one launch.
     """
-    check_routing_args(x, basis)
     if select_impl(x) == "triton":
         from .routing import routing_residuals_triton
 
-        return routing_residuals_triton(x, basis)
+        return routing_residuals_triton(x, basis)  # the launcher checks its arguments
+    check_routing_args(x, basis)
     return routing_residuals_torch(x, basis)
 
 
@@ -72,11 +72,11 @@ def lowrank_linear(
     row_tasks (N,) or (N, K) integer, -1 = no task block in that slot; row_weights like row_tasks
     (default 1); task_bias (T, out) optional per-task bias deltas. Returns (N, out) in x's dtype.
     """
-    check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     if select_impl(x) == "triton":
         # Kernel module is `lowrank`, not `lowrank_linear`: importing a submodule binds its name on the
         # package, which would replace this public function with the module object.
         from .lowrank import lowrank_linear_triton
 
-        return lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+        return lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)  # checks
+    check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     return lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
