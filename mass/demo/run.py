@@ -9,17 +9,15 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import mass
+from mass._benchutil import git_commit, time_interleaved_cpu
 from mass.merging import task_arithmetic, ties_merging, tsv_merge_from_decomposition
 
 from .training import DemoConfig, build_model, evaluate, prepare_demo
@@ -65,22 +63,12 @@ def _routing_accuracy(model: mass.MASSModel, art) -> float:
     return hits / total
 
 
-def _median_seconds(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def _latency_ratio(model: mass.MASSModel, plain: torch.nn.Module, images: torch.Tensor) -> float:
-    """Routed MASS forward over one plain forward, same mixed batch, same run."""
-    floor = _median_seconds(lambda: plain(pixel_values=images))
-    ours = _median_seconds(lambda: model(pixel_values=images))
-    return ours / floor
+    """Routed MASS forward over one plain forward, same mixed batch, interleaved in the same run."""
+    times = time_interleaved_cpu({"plain": lambda: plain(pixel_values=images),
+                                  "ours": lambda: model(pixel_values=images)}, repeats=7, warmup=1)
+    return times["ours"]["median_ms"] / times["plain"]["median_ms"]
 
 
 def _mass_variants(L: int) -> dict[str, tuple[dict, dict]]:
@@ -162,14 +150,6 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
             "routing_per_block": per_block, "storage_factor": dec.storage_factor(),
             "ranks": sorted(set(f.rank for f in dec.lowrank.values())),
             "timings": art.timings, "loaded_from_cache": art.loaded_from_cache}
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -287,7 +267,7 @@ def run_demo(out_dir: str = "mass_demo_out", quick: bool = False, cache_dir: Opt
     start = time.perf_counter()
     runs = [run_seed(seed, quick, n_tasks, cache_dir, progress) for seed in range(seeds)]
     report = {
-        "quick": quick, "n_tasks": n_tasks, "seeds": seeds, "commit": _git_commit(),
+        "quick": quick, "n_tasks": n_tasks, "seeds": seeds, "commit": git_commit() or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
         platform.machine(), "torch": torch.__version__, "runs": runs, "summary": summarize(runs),
     }
