@@ -97,10 +97,6 @@ def _broadcast_samples(values: torch.Tensor, ndim: int, batch_axis: int) -> torc
     return values.view(shape)
 
 
-def _copy_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.detach().clone()
-
-
 class _TaskModule(nn.Module):
     """Buffers shared by all task-conditioned layers: merged values and per-entry banks."""
 
