@@ -121,6 +121,11 @@ class MASSModel(nn.Module):
             else:
                 yield name, layer, name + ".weight", name + ".bias"
 
+    def _bank_layers(self) -> list:
+        """Every layer holding a bank of task entries: the wrapped layers and open_clip's ``proj``."""
+        layers = [layer for _, layer, _, _ in self._targets()]
+        return layers + ([self.proj] if self.proj is not None else [])
+
     @torch.no_grad()
     def _build(self, dec: TaskDecomposition):
         base, T = dec.base, len(dec.tasks)
@@ -365,15 +370,13 @@ class MASSModel(nn.Module):
         idx = torch.tensor(combo, device=self.cls_delta.device)
         m = len(combo)
         start = None
-        for _, layer, _, _ in self._targets():
+        for layer in self._bank_layers():
             if isinstance(layer, MASSLinear):
                 start = self._append_lowrank(layer, idx, m)
             else:
                 layer.task_weight = torch.cat([layer.task_weight, layer.task_weight[idx] / m])
             if layer.bias is not None:
                 layer.task_bias = torch.cat([layer.task_bias, layer.task_bias[idx] / m])
-        if self.proj is not None:
-            self._append_lowrank(self.proj, idx, m)
         self.cls_delta = torch.cat([self.cls_delta, self.cls_delta[idx] / m])
         f = self._pos_factors
         Uo, So, Vo = tsv_factors(f.U[idx.cpu()], f.S[idx.cpu()], f.V[idx.cpu()])
@@ -395,16 +398,13 @@ class MASSModel(nn.Module):
 
     def _reset_combos(self):
         T = len(self.tasks)
-        for _, layer, _, _ in self._targets():
+        for layer in self._bank_layers():
             if isinstance(layer, MASSLinear):
                 layer.task_U, layer.task_S, layer.task_V = layer.task_U[:T], layer.task_S[:T], layer.task_V[:T]
             else:
                 layer.task_weight = layer.task_weight[:T]
             if layer.bias is not None:
                 layer.task_bias = layer.task_bias[:T]
-        if self.proj is not None:
-            p = self.proj
-            p.task_U, p.task_S, p.task_V = p.task_U[:T], p.task_S[:T], p.task_V[:T]
         self.cls_delta, self.pos_delta = self.cls_delta[:T], self.pos_delta[:T]
         self._combos.clear()
 
