@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mass_kernels
-from mass_kernels.reference import lowrank_linear_segments_torch
+from mass_kernels.reference import dense_delta_segments_torch, lowrank_linear_segments_torch
 
 MODES = ("base", "merged", "tasks")
 
@@ -53,14 +53,23 @@ class PassState:
             self._row_cache["unit"] = bool((self.weights[valid] == 1).all())
         return self._row_cache["unit"]
 
+    @property
+    def _one_entry_each(self) -> bool:
+        """Every sample uses exactly one entry with weight 1 (top-1): a per-sample delta is one gather. Asked
+        only on the CPU fast path, which has already synchronised with the host."""
+        if "one" not in self._row_cache:
+            self._row_cache["one"] = self.entries.shape[1] == 1 and bool((self.entries >= 0).all()) and self.unit_weights
+        return self._row_cache["one"]
+
     def row_segments(self, lead_shape: tuple, batch_axis: int) -> Optional[list]:
         """Sample segments scaled to rows, when each sample's rows are contiguous (batch axis first)."""
         if self.segments is None or batch_axis != 0 or lead_shape[0] != self.batch_size:
             return None
-        per_sample = 1
-        for d in lead_shape[1:]:
-            per_sample *= d
-        return [(slot, e, a * per_sample, b * per_sample) for slot, e, a, b in self.segments]
+        per_sample = math.prod(lead_shape[1:])
+        key = ("segments", per_sample)
+        if key not in self._row_cache:
+            self._row_cache[key] = tuple((slot, e, a * per_sample, b * per_sample) for slot, e, a, b in self.segments)
+        return self._row_cache[key]
 
     @property
     def batch_size(self) -> int:
@@ -83,10 +92,25 @@ class PassState:
 
     def sample_delta(self, bank: torch.Tensor) -> torch.Tensor:
         """Σ_j w_j bank[e_j] per sample: (B, *bank.shape[1:]). Slots with entry -1 add nothing."""
+        if self.segments is not None and self._one_entry_each:
+            return bank.index_select(0, self.entries[:, 0])
         valid = self.entries >= 0
         picked = bank[self.entries.clamp_min(0)]  # (B, K, *shape)
         w = (self.weights * valid).to(bank.dtype).view(*self.entries.shape, *([1] * (bank.dim() - 1)))
         return (picked * w).sum(1)
+
+
+def bank_layout(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The memory layout a (entries, a, b) factor bank is kept in, values unchanged. On the CPU each entry is
+    stored transposed (``factors[e].T`` contiguous), the operand layout of the fast path's batched matmuls;
+    elsewhere row-major, the layout the Triton kernels read coalesced."""
+    if factors is None:
+        return None
+    if factors.is_cuda:
+        return factors.contiguous()
+    if factors.transpose(1, 2).is_contiguous():
+        return factors
+    return factors.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _broadcast_samples(values: torch.Tensor, ndim: int, batch_axis: int) -> torch.Tensor:
@@ -105,6 +129,10 @@ class _TaskModule(nn.Module):
         self.batch_axis = batch_axis
         for name in names:
             self.register_buffer(name, None, persistent=False)
+
+    def set_weight_deltas(self, deltas: torch.Tensor) -> None:
+        """Install the bank of whole weight deltas ``(entries, *weight.shape)``."""
+        self.task_weight = deltas
 
     def _require_merged(self):
         if self.merged_weight is None:
@@ -132,6 +160,16 @@ class MASSLinear(_TaskModule):
     @classmethod
     def from_linear(cls, linear: nn.Linear, state: PassState, batch_axis: int = 0) -> "MASSLinear":
         return cls(linear.weight, linear.bias, state, batch_axis)
+
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Install the bank ``(entries, out, k)``, ``(entries, k)``, ``(entries, k, in)`` in this device's layout."""
+        self.task_U, self.task_S, self.task_V = bank_layout(U), S, bank_layout(V)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() keep strides: re-lay the banks out for the new device
+        super()._apply(fn, recurse)
+        if self.task_U is not None:
+            self.set_factors(self.task_U, self.task_S, self.task_V)
+        return self
 
     def extra_repr(self) -> str:
         entries = 0 if self.task_S is None else self.task_S.shape[0]
@@ -182,13 +220,19 @@ class MASSLayerNorm(_TaskModule):
         if mode == "merged":
             self._require_merged()
             return F.layer_norm(x, self.normalized_shape, self.merged_weight, self.merged_bias, self.eps)
+        state = self.state
+        if self.batch_axis == 0 and state.segments is not None and x.shape[0] == state.batch_size \
+                and state._one_entry_each:
+            # Top-1 on the CPU fast path: samples are grouped by entry, one LayerNorm call per group.
+            weights, biases = self.weight + self.task_weight, self.bias + self.task_bias
+            shape, eps = self.normalized_shape, self.eps
+            return torch.cat([F.layer_norm(x[a:b], shape, weights[e], biases[e], eps) for _, e, a, b in state.segments])
         normed = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         w = self.weight + self.state.sample_delta(self.task_weight)
         b = self.bias + self.state.sample_delta(self.task_bias)
         axis = self.batch_axis if x.dim() > 2 else 0
-        return normed * _broadcast_samples(w, x.dim(), axis).to(x.dtype) + _broadcast_samples(b, x.dim(), axis).to(
-            x.dtype
-        )
+        w, b = _broadcast_samples(w, x.dim(), axis).to(x.dtype), _broadcast_samples(b, x.dim(), axis).to(x.dtype)
+        return normed.mul_(w).add_(b)
 
 
 class MASSConv2d(_TaskModule):
@@ -206,6 +250,37 @@ class MASSConv2d(_TaskModule):
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def set_weight_deltas(self, deltas: torch.Tensor) -> None:
+        """Each entry is laid out as its flattened (out, in·kh·kw) matrix would be by :func:`bank_layout`
+        (on the CPU, the patch GEMM's operand layout); shape and values unchanged."""
+        if deltas is not None:
+            deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
+        self.task_weight = deltas
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() keep strides: re-lay the bank out for the new device
+        super()._apply(fn, recurse)
+        self.set_weight_deltas(self.task_weight)
+        return self
+
+    def _patchifies(self, x: torch.Tensor) -> bool:
+        """A ViT patch embedding: non-overlapping kernel-sized windows, so the conv is a GEMM over patches."""
+        return (tuple(self.stride) == tuple(self.kernel_size) and self.padding in ((0, 0), "valid")
+                and tuple(self.dilation) == (1, 1) and self.groups == 1 and x.dim() == 4)
+
+    def _patch_forward(self, x: torch.Tensor, segments: list, row_weights) -> torch.Tensor:
+        """The task-conditioned conv as one GEMM over patches plus per-entry deltas on grouped samples."""
+        kh, kw = self.kernel_size
+        B, C, H, W = x.shape
+        gh, gw = H // kh, W // kw
+        patches = x[:, :, : gh * kh, : gw * kw].reshape(B, C, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(B * gh * gw, C * kh * kw)
+        E = self.task_weight.shape[0]
+        y = dense_delta_segments_torch(
+            patches, self.weight.reshape(self.out_channels, -1), self.bias,
+            self.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, self.task_bias,
+        )
+        return y.view(B, gh, gw, self.out_channels).permute(0, 3, 1, 2)  # channels-last strides, same values
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.state.mode
         if mode == "base":
@@ -213,6 +288,12 @@ class MASSConv2d(_TaskModule):
         if mode == "merged":
             self._require_merged()
             return self._conv(x, self.merged_weight, self.merged_bias)
+        if not x.is_cuda and self._patchifies(x):
+            lead = (x.shape[0], x.shape[2] // self.kernel_size[0], x.shape[3] // self.kernel_size[1])
+            segments = self.state.row_segments(lead, 0)
+            if segments is not None:
+                row_weights = None if self.state.unit_weights else self.state.rows(lead, 0)[1]
+                return self._patch_forward(x, segments, row_weights)
         y = self._conv(x, self.weight, self.bias)
         entries, weights = self.state.entries, self.state.weights
         if x.is_cuda:

@@ -137,12 +137,12 @@ class MASSModel(nn.Module):
             covered.add(w_key)
             if isinstance(layer, MASSLinear):
                 f = dec.lowrank[w_key]
-                layer.task_U, layer.task_S, layer.task_V = (t.to(like) for t in (f.U, f.S, f.V))
+                layer.set_factors(*(t.to(like) for t in (f.U, f.S, f.V)))
                 if keep:
                     layer.merged_weight = (base[w_key].float() + tsv_delta(f)).to(like)
             else:
                 deltas = dec.dense[w_key] - base[w_key].float()
-                layer.task_weight = deltas.to(like)
+                layer.set_weight_deltas(deltas.to(like))
                 if keep:
                     layer.merged_weight = (base[w_key].float() + deltas.mean(0)).to(like)
             if layer.bias is not None:
@@ -168,9 +168,7 @@ class MASSModel(nn.Module):
             f = dec.lowrank[key]
             # x @ (P0 + U S V) is a linear layer with weight P0ᵀ and factors (Vᵀ, S, Uᵀ).
             self.proj = MASSLinear(p0.detach().t().contiguous(), None, self.state, 0)
-            self.proj.task_U = f.V.transpose(1, 2).contiguous().to(p0)
-            self.proj.task_S = f.S.to(p0)
-            self.proj.task_V = f.U.transpose(1, 2).contiguous().to(p0)
+            self.proj.set_factors(f.V.transpose(1, 2).to(p0), f.S.to(p0), f.U.transpose(1, 2).to(p0))
             if self.keep_merged == "all":
                 self.proj.merged_weight = (p0.float() + tsv_delta(f)).t().contiguous().to(p0)
             covered.add(key)
@@ -374,7 +372,7 @@ class MASSModel(nn.Module):
             if isinstance(layer, MASSLinear):
                 start = self._append_lowrank(layer, idx, m)
             else:
-                layer.task_weight = torch.cat([layer.task_weight, layer.task_weight[idx] / m])
+                layer.set_weight_deltas(torch.cat([layer.task_weight, layer.task_weight[idx] / m]))
             if layer.bias is not None:
                 layer.task_bias = torch.cat([layer.task_bias, layer.task_bias[idx] / m])
         self.cls_delta = torch.cat([self.cls_delta, self.cls_delta[idx] / m])
@@ -391,18 +389,17 @@ class MASSModel(nn.Module):
         Uo, So, Vo = tsv_factors(layer.task_U[idx], layer.task_S[idx], layer.task_V[idx])
         like = layer.task_U
         U_new = Uo.reshape(Uo.shape[0], m, k).permute(1, 0, 2)
-        layer.task_U = torch.cat([layer.task_U, U_new.to(like)])
-        layer.task_S = torch.cat([layer.task_S, So.view(m, k).to(like)])
-        layer.task_V = torch.cat([layer.task_V, Vo.view(m, k, -1).to(like)])
+        layer.set_factors(torch.cat([layer.task_U, U_new.to(like)]), torch.cat([layer.task_S, So.view(m, k).to(like)]),
+                          torch.cat([layer.task_V, Vo.view(m, k, -1).to(like)]))
         return start
 
     def _reset_combos(self):
         T = len(self.tasks)
         for layer in self._bank_layers():
             if isinstance(layer, MASSLinear):
-                layer.task_U, layer.task_S, layer.task_V = layer.task_U[:T], layer.task_S[:T], layer.task_V[:T]
+                layer.set_factors(layer.task_U[:T], layer.task_S[:T], layer.task_V[:T])
             else:
-                layer.task_weight = layer.task_weight[:T]
+                layer.set_weight_deltas(layer.task_weight[:T])
             if layer.bias is not None:
                 layer.task_bias = layer.task_bias[:T]
         self.cls_delta, self.pos_delta = self.cls_delta[:T], self.pos_delta[:T]
@@ -520,8 +517,8 @@ class MASSModel(nn.Module):
         dec = TaskDecomposition(tasks=list(self.tasks), base=base)
         for _, layer, w_key, b_key in self._targets():
             if isinstance(layer, MASSLinear):
-                dec.lowrank[w_key] = LowRankFactors(layer.task_U[:T].clone(), layer.task_S[:T].clone(),
-                                                    layer.task_V[:T].clone())
+                factors = (layer.task_U, layer.task_S, layer.task_V)
+                dec.lowrank[w_key] = LowRankFactors(*(f[:T].clone(memory_format=torch.contiguous_format) for f in factors))
             else:
                 dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
             if layer.bias is not None:

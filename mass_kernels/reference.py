@@ -5,6 +5,8 @@ the documented dtype, so a test compares a kernel against the mathematically int
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,60 @@ def lowrank_linear_torch(
     return y.to(x.dtype)
 
 
+def segment_runs(segments, device) -> tuple:
+    """:func:`_segment_runs`, memoised: every layer of a forward asks for the same few groupings."""
+    return _segment_runs(tuple(segments), str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_runs(segments: tuple[tuple[int, int, int, int], ...], device: str) -> tuple:
+    """Merge consecutive ``(slot, task, start, stop)`` row segments of one slot that have the same length and
+    follow each other into runs ``(slot, sel, start, stop, tasks in the run, rows per task)``, each one batched
+    matmul. ``sel`` indexes the banks: a slice (a view, no copy) when the run's tasks are consecutive."""
+    runs: list[list] = []
+    for slot, t, start, stop in segments:
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == slot and last[3] == start and stop - start == last[4]:
+            last[1].append(t)
+            last[3] = stop
+        else:
+            runs.append([slot, [t], start, stop, stop - start])
+    out = []
+    for slot, tasks, start, stop, n in runs:
+        m = len(tasks)
+        consecutive = tasks == list(range(tasks[0], tasks[0] + m))
+        sel = slice(tasks[0], tasks[0] + m) if consecutive else torch.tensor(tasks, device=device)
+        out.append((slot, sel, start, stop, m, n))
+    return tuple(out)
+
+
+def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.Tensor, bool]:
+    """``x Wᵀ + b``, with each run's task bias already in it when every run is slot 0 with unit weights: the
+    biases are written first and the GEMM accumulates onto them, one pass over ``y`` fewer. Returns
+    ``(y, task biases included)``."""
+    if task_bias is None or row_weights is not None or any(run[0] != 0 for run in runs):
+        return F.linear(x, weight, bias), False
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+    def fill_base(rows: torch.Tensor):
+        rows.zero_() if bias is None else rows.copy_(bias.expand_as(rows))
+
+    done = 0
+    for _, sel, start, stop, m, n in runs:
+        if start > done:
+            fill_base(y[done:start])
+        tb = task_bias[sel] if bias is None else task_bias[sel] + bias
+        y[start:stop].view(m, n, -1).copy_(tb.unsqueeze(1).expand(m, n, -1))
+        done = stop
+    if done < y.shape[0]:
+        fill_base(y[done:])
+    return y.addmm_(x, weight.T), True
+
+
+def _segment_weights(row_weights, start, stop, slot, m, n, dtype):
+    return None if row_weights is None else row_weights[start:stop, slot].reshape(m, n, 1).to(dtype)
+
+
 def lowrank_linear_segments_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -75,17 +131,48 @@ def lowrank_linear_segments_torch(
     task_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CPU fast path of ``lowrank_linear`` when rows are already grouped: ``segments`` lists
-    ``(slot, task, start, stop)`` row ranges. Each task block is a slice and an in-place ``addmm_`` on the
-    output (no gather/scatter copies). Same result as :func:`lowrank_linear_torch` for the same grouping."""
-    y = F.linear(x, weight, bias)
-    for slot, t, start, stop in segments:
-        xs = x[start:stop]
-        h = (xs @ V[t].T) * S[t]
-        w = None if row_weights is None else row_weights[start:stop, slot, None].to(h.dtype)
+    ``(slot, task, start, stop)`` row ranges. Equal-length segments that follow each other run as one
+    ``bmm`` (shrink) and one in-place ``baddbmm_`` on the output (expand): no gather/scatter of rows, and a
+    few large calls instead of many small ones. Fastest when the banks are stored so that ``V[t].T`` and
+    ``U[t].T`` are contiguous (see ``mass.layers.bank_layout``). Same result as
+    :func:`lowrank_linear_torch` for the same grouping."""
+    runs = segment_runs(segments, x.device)
+    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    for slot, sel, start, stop, m, n in runs:
+        h = torch.bmm(x[start:stop].reshape(m, n, -1), V[sel].transpose(1, 2))  # (m, n, k)
+        h.mul_(S[sel].unsqueeze(1))
+        w = _segment_weights(row_weights, start, stop, slot, m, n, h.dtype)
         if w is not None:
-            h = h * w
-        ys = y[start:stop]
-        ys.addmm_(h, U[t].T)
-        if task_bias is not None:
-            ys.add_(task_bias[t] if w is None else w * task_bias[t])
+            h.mul_(w)
+        ys = y[start:stop].view(m, n, -1)
+        ys.baddbmm_(h, U[sel].transpose(1, 2))
+        if task_bias is not None and not biased:
+            tb = task_bias[sel].unsqueeze(1)
+            ys.add_(tb if w is None else w * tb)
+    return y
+
+
+def dense_delta_segments_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    deltas: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + Σ_j w_j (x Δ_tjᵀ + task_bias_tj)`` over grouped rows, for whole (not low-rank) weight
+    deltas ``(T, out, in)`` such as the patch embedding's; runs of equal segments are one ``baddbmm_``."""
+    runs = segment_runs(segments, x.device)
+    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    for slot, sel, start, stop, m, n in runs:
+        xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
+        w = _segment_weights(row_weights, start, stop, slot, m, n, y.dtype)
+        if w is None:
+            ys.baddbmm_(xs, deltas[sel].transpose(1, 2))
+        else:
+            ys.add_(torch.bmm(xs, deltas[sel].transpose(1, 2)).mul_(w))
+        if task_bias is not None and not biased:
+            tb = task_bias[sel].unsqueeze(1)
+            ys.add_(tb if w is None else w * tb)
     return y

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mass
 from mass.merging import tsv_merge_from_decomposition
@@ -210,6 +211,65 @@ def test_conv_grouped_delta_matches_per_entry_loop():
         loop = conv(x)
         grouped = conv._conv(x, conv.weight, conv.bias) + conv._grouped_delta(x)
     torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grouping", ["top1", "weighted pairs"])
+def test_conv_patch_gemm_matches_per_entry_loop(grouping):
+    """The CPU fast path of the patch embedding (one GEMM over patches, per-entry deltas on grouped samples,
+    the image cropped to whole patches as the conv does) equals one conv per entry."""
+    from mass.layers import MASSConv2d, PassState
+
+    state = PassState()
+    conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True), state)
+    gen = torch.Generator().manual_seed(0)
+    conv.set_weight_deltas(torch.randn(5, 8, 3, 4, 4, generator=gen))
+    conv.task_bias = torch.randn(5, 8, generator=gen)
+    assert conv.task_weight.reshape(5, 8, -1).transpose(1, 2).is_contiguous()  # the GEMM's operand layout
+    x = torch.randn(6, 3, 18, 17, generator=gen)  # 4 x 4 patches, ragged border
+    if grouping == "top1":
+        entries, weights = torch.tensor([[0], [0], [3], [3], [4], [1]]), torch.ones(6, 1)
+        segments = [(0, 0, 0, 2), (0, 3, 2, 4), (0, 4, 4, 5), (0, 1, 5, 6)]
+    else:
+        entries = torch.tensor([[0, 2], [0, 2], [1, -1], [4, 3], [4, 3], [-1, -1]])
+        weights = torch.tensor([[0.6, 0.4], [0.6, 0.4], [1.0, 0.0], [0.3, 0.7], [0.3, 0.7], [0.0, 0.0]])
+        segments = [(0, 0, 0, 2), (0, 1, 2, 3), (0, 4, 3, 5), (1, 2, 0, 2), (1, 3, 3, 5)]
+    with state.use("tasks", entries, weights):
+        loop = conv(x)
+    with state.use("tasks", entries, weights, segments):
+        fast = conv(x)
+    torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm_grouped_path_matches_per_sample_affine():
+    from mass.layers import MASSLayerNorm, PassState
+
+    state = PassState()
+    ln = MASSLayerNorm(torch.nn.LayerNorm(10), state)
+    gen = torch.Generator().manual_seed(0)
+    ln.task_weight, ln.task_bias = torch.randn(3, 10, generator=gen), torch.randn(3, 10, generator=gen)
+    x = torch.randn(5, 4, 10, generator=gen)
+    entries, weights = torch.tensor([[0], [0], [2], [1], [1]]), torch.ones(5, 1)
+    with state.use("tasks", entries, weights):
+        generic = ln(x.clone())
+    with state.use("tasks", entries, weights, [(0, 0, 0, 2), (0, 2, 2, 3), (0, 1, 3, 5)]):
+        grouped = ln(x.clone())
+    want = torch.stack([F.layer_norm(x[i], (10,), ln.weight + ln.task_weight[e], ln.bias + ln.task_bias[e])
+                        for i, e in enumerate(entries[:, 0].tolist())])
+    torch.testing.assert_close(generic, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grouped, want, atol=1e-6, rtol=1e-5)
+
+
+def test_banks_use_the_cpu_layout_and_stored_factors_stay_contiguous(arch):
+    from mass.layers import MASSLinear
+
+    pretrained, finetuned, _ = make_setup(arch)
+    model = mass.merge(pretrained, finetuned, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, MASSLinear)]
+    assert all(m.task_V.transpose(1, 2).is_contiguous() and m.task_U.transpose(1, 2).is_contiguous() for m in layers)
+    dec = model.decomposition()
+    assert all(f.U.is_contiguous() and f.V.is_contiguous() for f in dec.lowrank.values())
+    model.to(torch.float64)
+    assert all(m.task_V.dtype == torch.float64 and m.task_V.transpose(1, 2).is_contiguous() for m in layers)
 
 
 def test_model_cast_to_bf16_serves_close_to_fp32(arch, images):

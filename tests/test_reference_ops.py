@@ -98,19 +98,63 @@ def test_impl_override_is_validated(monkeypatch):
         mass_kernels.routing_residuals(torch.randn(3, 10), torch.randn(2, 4, 10))
 
 
+# Row segments (slot, task, start, stop) over 12 rows: runs of equal, adjacent segments with consecutive tasks
+# (one view of the banks), with scattered tasks (a gathered copy), single segments, rows with no task, slot 1.
+SEGMENT_CASES = {
+    "uniform consecutive": [(0, 0, 0, 3), (0, 1, 3, 6), (0, 2, 6, 9), (0, 3, 9, 12)],
+    "uniform scattered": [(0, 3, 0, 4), (0, 1, 4, 8), (0, 2, 8, 12)],
+    "ragged with gaps": [(0, 0, 0, 3), (0, 2, 3, 7), (0, 1, 8, 10)],
+    "two slots": [(0, 0, 0, 3), (0, 2, 3, 7), (0, 1, 8, 10), (1, 3, 3, 7), (1, 1, 8, 10)],
+}
+
+
+def _segment_tasks(segments, N):
+    tasks = torch.full((N, 2), -1)
+    for slot, t, start, stop in segments:
+        tasks[start:stop, slot] = t
+    return tasks
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_segment_fast_path_matches_grouped_reference(with_weights):
-    """The CPU fast path over contiguous row segments equals the masked reference for the same grouping."""
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("cpu_layout", [False, True])
+def test_segment_fast_path_matches_grouped_reference(case, with_weights, with_bias, cpu_layout):
+    """The CPU fast path over row segments (batched runs, in-place expand, biases written before the GEMM)
+    equals the masked reference for the same grouping, whatever the banks' memory layout."""
+    from mass.layers import bank_layout
     from mass_kernels.reference import lowrank_linear_segments_torch, lowrank_linear_torch
 
     gen = torch.Generator().manual_seed(4)
-    T, din, dout, k = 4, 20, 12, 3
-    x, W, b = torch.randn(10, din, generator=gen), torch.randn(dout, din, generator=gen), torch.randn(dout, generator=gen)
+    T, din, dout, k, N = 4, 20, 12, 3, 12
+    x, W = torch.randn(N, din, generator=gen), torch.randn(dout, din, generator=gen)
+    b = torch.randn(dout, generator=gen) if with_bias else None
     U, S, V = torch.randn(T, dout, k, generator=gen), torch.rand(T, k, generator=gen), torch.randn(T, k, din, generator=gen)
-    tb = torch.randn(T, dout, generator=gen)
-    tasks = torch.tensor([[0, -1]] * 3 + [[2, 3]] * 4 + [[-1, -1]] + [[1, -1]] * 2)
-    segments = [(0, 0, 0, 3), (0, 2, 3, 7), (0, 1, 8, 10), (1, 3, 3, 7)]
-    weights = torch.rand(10, 2, generator=gen) if with_weights else None
+    if cpu_layout:
+        U, V = bank_layout(U), bank_layout(V)
+        assert U.transpose(1, 2).is_contiguous() and V.transpose(1, 2).is_contiguous()
+    tb = torch.randn(T, dout, generator=gen) if with_bias else None
+    segments = SEGMENT_CASES[case]
+    weights = torch.rand(N, 2, generator=gen) if with_weights else None
     got = lowrank_linear_segments_torch(x, W, b, U, S, V, segments, weights, tb)
-    want = lowrank_linear_torch(x, W, b, U, S, V, tasks, weights, tb)
+    want = lowrank_linear_torch(x, W, b, U, S, V, _segment_tasks(segments, N), weights, tb)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_dense_delta_segments_match_direct(case, with_weights):
+    from mass_kernels.reference import dense_delta_segments_torch
+
+    gen = torch.Generator().manual_seed(5)
+    T, din, dout, N = 4, 9, 7, 12
+    x, W, b = torch.randn(N, din, generator=gen), torch.randn(dout, din, generator=gen), torch.randn(dout, generator=gen)
+    deltas, tb = torch.randn(T, dout, din, generator=gen), torch.randn(T, dout, generator=gen)
+    segments = SEGMENT_CASES[case]
+    weights = torch.rand(N, 2, generator=gen) if with_weights else torch.ones(N, 2)
+    got = dense_delta_segments_torch(x, W, b, deltas, segments, weights if with_weights else None, tb)
+    want = x @ W.T + b
+    for slot, t, start, stop in segments:
+        w = weights[start:stop, slot, None]
+        want[start:stop] += w * (x[start:stop] @ deltas[t].T + tb[t])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
