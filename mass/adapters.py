@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention, PassState
@@ -114,3 +116,43 @@ def install_layers(model: nn.Module, arch: Architecture, state: PassState) -> di
     if arch.pre_norm is not None:
         arch.pre_norm = replaced[_join(arch.root_name, "pre_layrnorm" if arch.kind == "hf" else "ln_pre")]
     return replaced
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, D) -> (B, heads, S, D / heads)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def cls_mlp_input(arch: Architecture, index: int, hidden: torch.Tensor, mask) -> Optional[torch.Tensor]:
+    """The CLS token's MLP input (second LayerNorm output) of block ``index``, computing only what it needs:
+    keys and values for every token, but the query, attention, output projection and LayerNorm for the CLS
+    token alone. Returns (B, D), or None when the block is not one of the known structures or has a mask (the
+    caller then runs the whole block). ``hidden`` is the block's input in its own layout."""
+    blk = arch.blocks[index]
+    if mask is not None:
+        return None
+    x = hidden if arch.batch_axes[index] == 0 else hidden.transpose(0, 1)  # (B, S, D)
+    if arch.kind == "hf" and type(blk).__name__ == "CLIPEncoderLayer":
+        attn = blk.self_attn
+        a = blk.layer_norm1(x)
+        q = _heads(attn.q_proj(a[:, :1]), attn.num_heads)
+        k, v = _heads(attn.k_proj(a), attn.num_heads), _heads(attn.v_proj(a), attn.num_heads)
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = attn.out_proj(o.transpose(1, 2).flatten(2))
+        return blk.layer_norm2(x[:, :1] + out)[:, 0]
+    if arch.kind == "open_clip" and type(blk).__name__ in ("ResidualAttentionBlock", "_ResidualAttentionBlock"):
+        from .layers import MASSMultiheadAttention
+
+        mha = blk.attn
+        if not isinstance(mha, MASSMultiheadAttention) or not isinstance(getattr(blk, "ln_attn", nn.Identity()),
+                                                                        nn.Identity):
+            return None
+        a = blk.ln_1(x)
+        qkv = mha.in_proj(a)  # fused projection: the CLS-only query would need a weight slice
+        D = x.shape[-1]
+        q = _heads(qkv[:, :1, :D], mha.num_heads)
+        k, v = _heads(qkv[..., D: 2 * D], mha.num_heads), _heads(qkv[..., 2 * D:], mha.num_heads)
+        out = mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        out = getattr(blk, "ls_1", nn.Identity())(out)
+        return blk.ln_2(x[:, :1] + out)[:, 0]
+    return None

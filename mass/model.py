@@ -11,7 +11,7 @@ from torch import nn
 
 import mass_kernels
 
-from .adapters import Architecture, block_of, detect, install_layers
+from .adapters import Architecture, block_of, cls_mlp_input, detect, install_layers
 from .checkpoints import Checkpoint
 from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose
 from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention, PassState
@@ -86,6 +86,8 @@ class MASSModel(nn.Module):
         self.reuse_prefix = bool(reuse_prefix)
         self.keep_merged = keep_merged
         self.max_cached_combos = max_cached_combos
+        # With the CLS token, the routing block runs only what that token's MLP input needs (same feature).
+        self.trim_routing_block = True
         self.model = model
         self.state = PassState()
         arch: Architecture = detect(model)
@@ -281,9 +283,19 @@ class MASSModel(nn.Module):
             captured["block"] = output
             raise _StopForward
 
+        def read_routing_block(module, args, kwargs):
+            hidden = args[0] if args else next(kwargs[k] for k in ("hidden_states", "x", "q_x") if k in kwargs)
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+            feature = cls_mlp_input(self.arch, L, hidden, mask)
+            if feature is not None:
+                captured[L] = feature
+                raise _StopForward
+
         handles = [self.arch.fc1[layer].register_forward_pre_hook(reader(layer)) for layer in self.routing_layers]
         if self.reuse_prefix:
             handles.append(self.arch.blocks[L].register_forward_hook(read_block))
+        elif self.router_config.token == "cls" and self.trim_routing_block:
+            handles.append(self.arch.blocks[L].register_forward_pre_hook(read_routing_block, with_kwargs=True))
         mode = "base" if self.router_config.features == "pretrained" else "merged"
         try:
             with self.state.use(mode):

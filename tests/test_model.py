@@ -259,6 +259,22 @@ def test_layernorm_grouped_path_matches_per_sample_affine():
     torch.testing.assert_close(grouped, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("token", ["cls", "mean"])
+def test_trimmed_routing_block_reads_the_same_feature(arch, images, token):
+    """With the CLS token the routing block computes only the CLS row after its keys and values (its MLP
+    never runs); the feature equals the one read at fc1's input in a whole block."""
+    pretrained, finetuned, _ = make_setup(arch)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=2, token=token), progress=False)
+    fc1_calls = []
+    model.arch.fc1[2].register_forward_pre_hook(lambda m, a: fc1_calls.append(1))
+    trimmed, _ = model._first_pass(images)
+    assert fc1_calls == ([] if token == "cls" else [1])
+    model.trim_routing_block = False
+    whole, _ = model._first_pass(images)
+    assert len(fc1_calls) == (1 if token == "cls" else 2)
+    torch.testing.assert_close(trimmed, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_banks_use_the_cpu_layout_and_stored_factors_stay_contiguous(arch):
     from mass.layers import MASSLinear
 
