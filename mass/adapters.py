@@ -123,14 +123,12 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def cls_mlp_input(arch: Architecture, index: int, hidden: torch.Tensor, mask) -> Optional[torch.Tensor]:
+def cls_mlp_input(arch: Architecture, index: int, hidden: torch.Tensor) -> Optional[torch.Tensor]:
     """The CLS token's MLP input (second LayerNorm output) of block ``index``, computing only what it needs:
     keys and values for every token, but the query, attention, output projection and LayerNorm for the CLS
-    token alone. Returns (B, D), or None when the block is not one of the known structures or has a mask (the
-    caller then runs the whole block). ``hidden`` is the block's input in its own layout."""
+    token alone. Returns (B, D), or None when the block is not one of the known structures (the caller then
+    runs the whole block). ``hidden`` is the block's input in its own layout; the block takes no mask."""
     blk = arch.blocks[index]
-    if mask is not None:
-        return None
     x = hidden if arch.batch_axes[index] == 0 else hidden.transpose(0, 1)  # (B, S, D)
     if arch.kind == "hf" and type(blk).__name__ == "CLIPEncoderLayer":
         attn = blk.self_attn

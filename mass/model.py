@@ -284,9 +284,13 @@ class MASSModel(nn.Module):
             raise _StopForward
 
         def read_routing_block(module, args, kwargs):
-            hidden = args[0] if args else next(kwargs[k] for k in ("hidden_states", "x", "q_x") if k in kwargs)
-            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-            feature = cls_mlp_input(self.arch, L, hidden, mask)
+            hidden = args[0] if args else next((kwargs[k] for k in ("hidden_states", "x", "q_x") if k in kwargs), None)
+            # Masks, separate key/value inputs, anything beyond the hidden states: run the whole block instead.
+            extra = list(args[1:]) + [kwargs.get(k) for k in ("attention_mask", "causal_attention_mask", "attn_mask",
+                                                               "k_x", "v_x")]
+            if hidden is None or any(e is not None for e in extra):
+                return
+            feature = cls_mlp_input(self.arch, L, hidden)
             if feature is not None:
                 captured[L] = feature
                 raise _StopForward

@@ -275,6 +275,24 @@ def test_trimmed_routing_block_reads_the_same_feature(arch, images, token):
     torch.testing.assert_close(trimmed, whole, atol=1e-5, rtol=1e-5)
 
 
+def test_routing_block_with_a_mask_runs_whole(images):
+    """A block called with a mask is not trimmed (the trimmed path takes no mask): the feature comes from fc1."""
+    pretrained, finetuned, _ = make_setup("openclip_bf")
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
+    fc1_calls = []
+    model.arch.fc1[1].register_forward_pre_hook(lambda m, a: fc1_calls.append(1))
+    no_mask = torch.zeros(17, 17)  # additive mask of zeros: same attention, but a mask is passed
+    transformer = model.model.transformer
+    original = transformer.forward
+    transformer.forward = lambda x, attn_mask=None: original(x, attn_mask=no_mask)
+    masked, _ = model._first_pass(images)
+    assert fc1_calls == [1]
+    transformer.forward = original
+    plain_feature, _ = model._first_pass(images)
+    assert fc1_calls == [1]
+    torch.testing.assert_close(masked, plain_feature, atol=1e-5, rtol=1e-5)
+
+
 def test_banks_use_the_cpu_layout_and_stored_factors_stay_contiguous(arch):
     from mass.layers import MASSLinear
 
