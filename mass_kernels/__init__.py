@@ -11,7 +11,7 @@ import os
 import torch
 
 from ._checks import check_lowrank_args, check_routing_args
-from .reference import lowrank_linear_torch, routing_residuals_torch
+from .reference import lowrank_linear_grouped_torch, lowrank_linear_torch, routing_residuals_torch
 
 
 def warmup(*args, **kwargs) -> int:
@@ -79,4 +79,6 @@ def lowrank_linear(
 
         return lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)  # checks
     check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+    if not x.is_cuda and (row_tasks.dim() == 1 or row_tasks.shape[1] == 1):
+        return lowrank_linear_grouped_torch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
     return lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)

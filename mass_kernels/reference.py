@@ -65,6 +65,39 @@ def lowrank_linear_torch(
     return y.to(x.dtype)
 
 
+def lowrank_linear_grouped_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    row_tasks: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CPU path of ``lowrank_linear`` for one task per row: rows are sorted by task (one host sync, free on
+    the CPU), each task's rows run as one segment of :func:`lowrank_linear_segments_torch`, and the output
+    rows are put back in order. Computes in fp32 for other dtypes, like the reference."""
+    tasks = row_tasks.reshape(-1)
+    dtype = x.dtype
+    if dtype != torch.float32:
+        x, weight, U, S, V = (t.float() for t in (x, weight, U, S, V))
+        bias = None if bias is None else bias.float()
+        task_bias = None if task_bias is None else task_bias.float()
+    order = torch.argsort(tasks, stable=True)
+    values, counts = torch.unique_consecutive(tasks.index_select(0, order), return_counts=True)
+    segments, start = [], 0
+    for t, count in zip(values.tolist(), counts.tolist()):
+        if t >= 0:
+            segments.append((0, t, start, start + count))
+        start += count
+    weights = None if row_weights is None else row_weights.reshape(-1, 1).index_select(0, order)
+    y_sorted = lowrank_linear_segments_torch(x.index_select(0, order), weight, bias, U, S, V, segments, weights,
+                                             task_bias)
+    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).to(dtype)
+
+
 def segment_runs(segments, device) -> tuple:
     """:func:`_segment_runs`, memoised: every layer of a forward asks for the same few groupings."""
     return _segment_runs(tuple(segments), str(device))

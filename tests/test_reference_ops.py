@@ -44,7 +44,8 @@ def _direct_lowrank(x, W, b, U, S, V, tasks, weights, task_bias):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("N,din,dout,T,k,K", [(1, 100, 70, 1, 51, 1), (9, 24, 40, 3, 5, 2), (16, 32, 32, 20, 1, 2)])
+@pytest.mark.parametrize("N,din,dout,T,k,K", [(1, 100, 70, 1, 51, 1), (9, 24, 40, 3, 5, 2), (16, 32, 32, 20, 1, 2),
+                                               (23, 100, 70, 8, 51, 1), (40, 16, 24, 20, 3, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_lowrank_linear_matches_direct(N, din, dout, T, k, K, with_bias):
     gen = torch.Generator().manual_seed(2)
@@ -59,6 +60,23 @@ def test_lowrank_linear_matches_direct(N, din, dout, T, k, K, with_bias):
     want = _direct_lowrank(x.double(), W.double(), None if b is None else b.double(), U.double(), S.double(),
                            V.double(), tasks, weights.double(), None if task_bias is None else task_bias.double())
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_cpu_grouped_path_low_precision_matches_reference(dtype, tol):
+    """One task per row on the CPU sorts rows by task; in fp16/bf16 it computes in fp32 like the reference."""
+    from mass_kernels.reference import lowrank_linear_torch
+
+    gen = torch.Generator().manual_seed(6)
+    N, din, dout, T, k = 30, 40, 24, 5, 7
+    x, W, b = torch.randn(N, din, generator=gen), torch.randn(dout, din, generator=gen), torch.randn(dout, generator=gen)
+    U, S, V = torch.randn(T, dout, k, generator=gen), torch.rand(T, k, generator=gen), torch.randn(T, k, din, generator=gen)
+    tasks, tb = torch.randint(-1, T, (N,), generator=gen), torch.randn(T, dout, generator=gen)
+    args = [t.to(dtype) for t in (x, W, b, U, S, V)]
+    got = mass_kernels.lowrank_linear(*args, tasks, None, tb.to(dtype))
+    want = lowrank_linear_torch(*args, tasks[:, None], None, tb.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
 
 
 def test_lowrank_linear_one_dim_tasks_default_weights():
