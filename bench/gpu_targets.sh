@@ -3,9 +3,11 @@
 # device tool: `bash bench/gpu_targets.sh`). Needs torch, triton, transformers, safetensors, tqdm,
 # matplotlib and pytest (the device image has them all); runs from the repository root without installing.
 # Writes JSON/PNG/Markdown to $OUT (the device tool's folder) or bench/results, and a log beside them.
-# Stages (each well under the device tool's 10-minute limit per command; pass a stage name to run one):
+# Stages (pass their names; with the device tool, one or two per call: each call has a 10-minute limit, and
+# torch.compile's first call per shape can take most of a stage's time):
 #   tests   the Triton kernel tests compiled on the GPU (no interpreter) and the model through them
-#   micro   lowrank_linear / routing_residuals at the targets' shapes (B/16, batch 64, T=8, bf16) + B/32
+#   micro   lowrank_linear / routing_residuals at the targets' shapes (B/16, batch 64, T=8, bf16)
+#   shapes  the same ops at B/32 and L/14 fc1 shapes, batch 8/128, T=8/20
 #   e2e     mass bench: B/16 bf16, T=8, batch 1/8/64, mixed and routed, with CUDA graphs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ unset TRITON_INTERPRET MASS_KERNEL_IMPL
 py="${PYTHON:-python3}"
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_targets.sh: no CUDA GPU here')"
 
-stages=("${@:-tests micro e2e}")
+stages=("${@:-tests micro shapes e2e}")
 for stage in ${stages[*]}; do
   case "$stage" in
     tests)
@@ -24,12 +26,13 @@ for stage in ${stages[*]}; do
         tests/test_model.py 2>&1 | tee "$out/gpu-kernel-tests.log" ;;
     micro)
       "$py" bench/microbench.py --models B16 --layers attn fc1 fc2 --batches 64 --tasks 8 --topk 1 2 \
-        --mix mixed homogeneous --out "$out" --tag gpu-microbench-targets 2>&1 | tee "$out/gpu-microbench.log"
+        --mix mixed homogeneous --out "$out" --tag gpu-microbench-targets 2>&1 | tee "$out/gpu-microbench.log" ;;
+    shapes)
       "$py" bench/microbench.py --models B32 L14 --layers fc1 --batches 8 128 --tasks 8 20 --topk 1 \
-        --mix mixed --out "$out" --tag gpu-microbench-shapes 2>&1 | tee -a "$out/gpu-microbench.log" ;;
+        --mix mixed --out "$out" --tag gpu-microbench-shapes 2>&1 | tee "$out/gpu-microbench-shapes.log" ;;
     e2e)
       "$py" -m mass.bench --models B16 --tasks 8 --batches 1 8 64 --mix mixed router --dtype bf16 \
         --out "$out" --tag gpu-e2e-b16 2>&1 | tee "$out/gpu-e2e.log" ;;
-    *) echo "gpu_targets.sh: unknown stage '$stage' (tests, micro, e2e)" >&2; exit 2 ;;
+    *) echo "gpu_targets.sh: unknown stage '$stage' (tests, micro, shapes, e2e)" >&2; exit 2 ;;
   esac
 done
