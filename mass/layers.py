@@ -71,6 +71,10 @@ class PassState:
             self._row_cache[key] = tuple((slot, e, a * per_sample, b * per_sample) for slot, e, a, b in self.segments)
         return self._row_cache[key]
 
+    def segment_row_weights(self, lead_shape: tuple, batch_axis: int) -> Optional[torch.Tensor]:
+        """Per-row weights (N, K) for the segment fast path; None when every weight is 1 (nothing to apply)."""
+        return None if self.unit_weights else self.rows(lead_shape, batch_axis)[1]
+
     @property
     def batch_size(self) -> int:
         return self.entries.shape[0]
@@ -134,6 +138,14 @@ class _TaskModule(nn.Module):
         """Install the bank of whole weight deltas ``(entries, *weight.shape)``."""
         self.task_weight = deltas
 
+    def _lay_out_banks(self) -> None:
+        """Put the banks in the layout their device's fast path reads (see :func:`bank_layout`)."""
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() keep strides: re-lay the banks out for the new device
+        super()._apply(fn, recurse)
+        self._lay_out_banks()
+        return self
+
     def _require_merged(self):
         if self.merged_weight is None:
             raise RuntimeError(
@@ -165,11 +177,9 @@ class MASSLinear(_TaskModule):
         """Install the bank ``(entries, out, k)``, ``(entries, k)``, ``(entries, k, in)`` in this device's layout."""
         self.task_U, self.task_S, self.task_V = bank_layout(U), S, bank_layout(V)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() keep strides: re-lay the banks out for the new device
-        super()._apply(fn, recurse)
+    def _lay_out_banks(self) -> None:
         if self.task_U is not None:
             self.set_factors(self.task_U, self.task_S, self.task_V)
-        return self
 
     def extra_repr(self) -> str:
         entries = 0 if self.task_S is None else self.task_S.shape[0]
@@ -186,7 +196,7 @@ class MASSLinear(_TaskModule):
         lead = x.shape[:-1]
         segments = self.state.row_segments(lead, self.batch_axis)
         if segments is not None and not x.is_cuda:
-            row_weights = None if self.state.unit_weights else self.state.rows(lead, self.batch_axis)[1]
+            row_weights = self.state.segment_row_weights(lead, self.batch_axis)
             y = lowrank_linear_segments_torch(
                 x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
                 segments, row_weights, self.task_bias,
@@ -257,10 +267,8 @@ class MASSConv2d(_TaskModule):
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() keep strides: re-lay the bank out for the new device
-        super()._apply(fn, recurse)
+    def _lay_out_banks(self) -> None:
         self.set_weight_deltas(self.task_weight)
-        return self
 
     def _patchifies(self, x: torch.Tensor) -> bool:
         """A ViT patch embedding: non-overlapping kernel-sized windows, so the conv is a GEMM over patches."""
@@ -292,7 +300,7 @@ class MASSConv2d(_TaskModule):
             lead = (x.shape[0], x.shape[2] // self.kernel_size[0], x.shape[3] // self.kernel_size[1])
             segments = self.state.row_segments(lead, 0)
             if segments is not None:
-                row_weights = None if self.state.unit_weights else self.state.rows(lead, 0)[1]
+                row_weights = self.state.segment_row_weights(lead, 0)
                 return self._patch_forward(x, segments, row_weights)
         y = self._conv(x, self.weight, self.bias)
         entries, weights = self.state.entries, self.state.weights

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mass_kernels
+from mass_kernels.reference import group_rows
 
 from .adapters import Architecture, block_of, cls_mlp_input, detect, install_layers
 from .checkpoints import Checkpoint
@@ -446,7 +447,7 @@ class MASSModel(nn.Module):
         entries, weights = self._entries(routing)
         order, segments = None, None
         if not entries.is_cuda:
-            order, segments = self._group_samples(entries, weights)
+            order, segments = group_rows(entries)  # CPU fast path: each entry's samples become one slice
         if order is not None:
             inputs, kwargs = _take(inputs, order, entries.shape[0]), _take(kwargs, order, entries.shape[0])
             entries, weights = entries[order], weights[order]
@@ -458,25 +459,6 @@ class MASSModel(nn.Module):
         if order is not None:
             out = _take(out, torch.argsort(order), entries.shape[0])
         return (out, routing) if return_routing else out
-
-    @staticmethod
-    def _group_samples(entries: torch.Tensor, weights: torch.Tensor):
-        """CPU fast path: order samples by their slot-0 entry and list each slot's contiguous runs, so every
-        task block is a slice of rows. One host sync per forward; (None, None) when slots stay scattered."""
-        order = torch.argsort(entries[:, 0], stable=True)
-        sorted_entries = entries[order]
-        segments = []
-        for slot in range(entries.shape[1]):
-            values, counts = torch.unique_consecutive(sorted_entries[:, slot], return_counts=True)
-            values, counts = values.tolist(), counts.tolist()
-            if len(set(values)) != len(values):  # an entry split over several runs: not contiguous
-                return None, None
-            start = 0
-            for value, count in zip(values, counts):
-                if value >= 0:
-                    segments.append((slot, value, start, start + count))
-                start += count
-        return order, segments
 
     @staticmethod
     def _batch_of(inputs, kwargs):

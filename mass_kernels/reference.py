@@ -85,17 +85,31 @@ def lowrank_linear_grouped_torch(
         x, weight, U, S, V = (t.float() for t in (x, weight, U, S, V))
         bias = None if bias is None else bias.float()
         task_bias = None if task_bias is None else task_bias.float()
-    order = torch.argsort(tasks, stable=True)
-    values, counts = torch.unique_consecutive(tasks.index_select(0, order), return_counts=True)
-    segments, start = [], 0
-    for t, count in zip(values.tolist(), counts.tolist()):
-        if t >= 0:
-            segments.append((0, t, start, start + count))
-        start += count
+    order, segments = group_rows(tasks[:, None])
     weights = None if row_weights is None else row_weights.reshape(-1, 1).index_select(0, order)
     y_sorted = lowrank_linear_segments_torch(x.index_select(0, order), weight, bias, U, S, V, segments, weights,
                                              task_bias)
     return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).to(dtype)
+
+
+def group_rows(ids: torch.Tensor) -> tuple:
+    """Order rows by their slot-0 id (stable) and list each slot's runs as ``(slot, id, start, stop)`` over
+    the ordered rows (id -1 = none: no segment). One host sync. ``(None, None)`` when an id of a later slot
+    is split over several runs, so its rows are not one slice."""
+    order = torch.argsort(ids[:, 0], stable=True)
+    ordered = ids.index_select(0, order)
+    segments = []
+    for slot in range(ids.shape[1]):
+        values, counts = torch.unique_consecutive(ordered[:, slot], return_counts=True)
+        values, counts = values.tolist(), counts.tolist()
+        if len(set(values)) != len(values):
+            return None, None
+        start = 0
+        for value, count in zip(values, counts):
+            if value >= 0:
+                segments.append((slot, value, start, start + count))
+            start += count
+    return order, segments
 
 
 def segment_runs(segments, device) -> tuple:
@@ -134,7 +148,10 @@ def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.T
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
 
     def fill_base(rows: torch.Tensor):
-        rows.zero_() if bias is None else rows.copy_(bias.expand_as(rows))
+        if bias is None:
+            rows.zero_()
+        else:
+            rows.copy_(bias.expand_as(rows))
 
     done = 0
     for _, sel, start, stop, m, n in runs:
