@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import mass_kernels
-from mass_kernels.reference import dense_delta_segments_torch, lowrank_linear_segments_torch
+from mass_kernels.reference import (
+    dense_delta_segments_torch,
+    lowrank_linear_segments_torch,
+    whole_weight_segments_torch,
+)
 
 MODES = ("base", "merged", "tasks")
 
@@ -266,6 +270,21 @@ class MASSConv2d(_TaskModule):
         if deltas is not None:
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
+        self._entry_weights = None
+
+    def _fine_tuned_weights(self) -> torch.Tensor:
+        """``W0 + Δ_e`` for every entry, flattened to (entries, out, in·kh·kw) in the bank layout. With them a
+        top-1 patch embedding on the CPU fast path is one GEMM per group, as many FLOPs as the plain conv,
+        instead of a base GEMM plus a delta GEMM. Costs one more bank of memory, built on first use and
+        rebuilt whenever the base weight or the deltas change (new storage or an in-place write)."""
+        sources = (self.weight, self.task_weight)
+        state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = getattr(self, "_entry_weights", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != state:
+            E = self.task_weight.shape[0]
+            whole = self.weight.reshape(1, self.out_channels, -1) + self.task_weight.reshape(E, self.out_channels, -1)
+            cached = self._entry_weights = (sources, state, bank_layout(whole))
+        return cached[2]
 
     def _lay_out_banks(self) -> None:
         self.set_weight_deltas(self.task_weight)
@@ -276,17 +295,21 @@ class MASSConv2d(_TaskModule):
                 and tuple(self.dilation) == (1, 1) and self.groups == 1 and x.dim() == 4)
 
     def _patch_forward(self, x: torch.Tensor, segments: list, row_weights) -> torch.Tensor:
-        """The task-conditioned conv as one GEMM over patches plus per-entry deltas on grouped samples."""
+        """The task-conditioned conv as GEMMs over patches on grouped samples: for top-1, each group with its
+        entry's whole weight; otherwise one base GEMM plus the weighted per-entry deltas."""
         kh, kw = self.kernel_size
         B, C, H, W = x.shape
         gh, gw = H // kh, W // kw
         patches = x[:, :, : gh * kh, : gw * kw].reshape(B, C, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(B * gh * gw, C * kh * kw)
-        E = self.task_weight.shape[0]
-        y = dense_delta_segments_torch(
-            patches, self.weight.reshape(self.out_channels, -1), self.bias,
-            self.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, self.task_bias,
-        )
+        if row_weights is None and self.state._one_entry_each:
+            y = whole_weight_segments_torch(patches, self._fine_tuned_weights(), self.bias, segments, self.task_bias)
+        else:
+            E = self.task_weight.shape[0]
+            y = dense_delta_segments_torch(
+                patches, self.weight.reshape(self.out_channels, -1), self.bias,
+                self.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, self.task_bias,
+            )
         return y.view(B, gh, gw, self.out_channels).permute(0, 3, 1, 2)  # channels-last strides, same values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,31 @@ def dense_delta_segments_torch(
             tb = task_bias[sel].unsqueeze(1)
             ys.add_(tb if w is None else w * tb)
     return y
+
+
+def whole_weight_segments_torch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    segments: list[tuple[int, int, int, int]],
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x W_tᵀ + b + task_bias_t`` over grouped rows with one whole weight ``(T, out, in)`` per entry: a
+    top-1 grouping (each row in exactly one slot-0 segment). One batched GEMM per run of equal segments, the
+    biases written first: as many FLOPs as a plain linear, where base plus delta costs twice that."""
+    runs = segment_runs(segments, x.device)
+    if any(run[0] != 0 for run in runs) or sum(stop - start for _, _, start, stop, _, _ in runs) != x.shape[0] \
+            or any(a[3] != b[2] for a, b in zip(runs, runs[1:])) or (runs and runs[0][2] != 0):
+        raise ValueError("whole_weight_segments_torch needs every row in exactly one slot-0 segment, in order")
+    y = torch.empty(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    for _, sel, start, stop, m, n in runs:
+        xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
+        b = None if task_bias is None else task_bias[sel]
+        if bias is not None:
+            b = bias.expand(m, -1) if b is None else b + bias
+        if b is None:
+            torch.bmm(xs, weights[sel].transpose(1, 2), out=ys)
+        else:
+            ys.copy_(b.unsqueeze(1).expand(m, n, -1)).baddbmm_(xs, weights[sel].transpose(1, 2))
+    return y
+

@@ -240,6 +240,37 @@ def test_conv_patch_gemm_matches_per_entry_loop(grouping):
     torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-5)
 
 
+def test_conv_patch_whole_weights_follow_weight_changes():
+    """The top-1 patch path multiplies by cached ``W0 + Δ_e``: an in-place write to the base weight or to the
+    deltas (as ``load_state_dict`` does), or a new delta bank, must be seen by the next forward."""
+    from mass.layers import MASSConv2d, PassState
+
+    state = PassState()
+    conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True), state)
+    gen = torch.Generator().manual_seed(1)
+    conv.set_weight_deltas(torch.randn(3, 8, 3, 4, 4, generator=gen))
+    conv.task_bias = torch.randn(3, 8, generator=gen)
+    x = torch.randn(3, 3, 8, 8, generator=gen)
+    entries, weights, segments = torch.tensor([[2], [0], [1]]), torch.ones(3, 1), [(0, 2, 0, 1), (0, 0, 1, 2), (0, 1, 2, 3)]
+
+    def check():
+        with state.use("tasks", entries, weights):
+            loop = conv(x)
+        with state.use("tasks", entries, weights, segments):
+            fast = conv(x)
+        torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-5)
+
+    check()
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+    check()
+    with torch.no_grad():
+        conv.task_weight.add_(1.0)
+    check()
+    conv.task_weight = torch.randn(3, 8, 3, 4, 4, generator=gen)
+    check()
+
+
 def test_layernorm_grouped_path_matches_per_sample_affine():
     from mass.layers import MASSLayerNorm, PassState
 

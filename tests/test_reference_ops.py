@@ -176,3 +176,29 @@ def test_dense_delta_segments_match_direct(case, with_weights):
         w = weights[start:stop, slot, None]
         want[start:stop] += w * (x[start:stop] @ deltas[t].T + tb[t])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_whole_weight_segments_match_direct(with_bias):
+    from mass_kernels.reference import whole_weight_segments_torch
+
+    gen = torch.Generator().manual_seed(6)
+    T, din, dout, N = 5, 9, 7, 11
+    x, weights = torch.randn(N, din, generator=gen), torch.randn(T, dout, din, generator=gen)
+    b = torch.randn(dout, generator=gen) if with_bias else None
+    tb = torch.randn(T, dout, generator=gen) if with_bias else None
+    segments = [(0, 3, 0, 2), (0, 4, 2, 4), (0, 0, 4, 9), (0, 2, 9, 10), (0, 1, 10, 11)]
+    got = whole_weight_segments_torch(x, weights, b, segments, tb)
+    want = torch.empty(N, dout)
+    for _, t, start, stop in segments:
+        want[start:stop] = x[start:stop] @ weights[t].T + (0 if b is None else b + tb[t])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("segments", [[(0, 0, 0, 2)], [(0, 0, 0, 2), (1, 1, 2, 4)], [(0, 0, 0, 1), (0, 1, 2, 4)]])
+def test_whole_weight_segments_refuse_partial_groupings(segments):
+    from mass_kernels.reference import whole_weight_segments_torch
+
+    with pytest.raises(ValueError, match="exactly one slot-0 segment"):
+        whole_weight_segments_torch(torch.randn(4, 3), torch.randn(2, 5, 3), None, segments)
+
