@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mass_kernels  # noqa: E402
-from mass._benchutil import device_slug, environment, peak_memory, time_providers  # noqa: E402
+from mass._benchutil import device_slug, environment, peak_memory, retain_freed_memory, time_providers  # noqa: E402
 from mass_kernels.reference import lowrank_linear_torch, routing_residuals_torch  # noqa: E402
 
 MODELS = {  # hidden, MLP, tokens per image
@@ -178,7 +178,7 @@ def _finish(rows, base, to_time, info, timing_kwargs, device, memory):
     for name, entry in info.items():
         rec = dict(base, provider=name, **entry)
         if name in timings:
-            rec.update(timings[name])
+            rec.update({k: v for k, v in timings[name].items() if k != "samples_ms"})  # quantiles suffice here
             rec["ratio_to_floor"] = rec["median_ms"] / floor if floor else None
             if memory:
                 rec["memory"] = peak_memory(to_time[name], device)
@@ -289,6 +289,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--gather-cap-gib", type=float, default=4.0, help="skip gather_bmm above this gathered size")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                   help="CPU: let glibc keep freed memory for reuse (default), as `mass bench` does")
     return p
 
 
@@ -313,7 +315,9 @@ def resolve(args):
 def run_microbench(args) -> dict:
     device = resolve(args)
     env = environment(device)
-    print(f"microbench on {env['device']} (torch {env['torch']}, triton {env['triton']})", flush=True)
+    env["malloc"] = retain_freed_memory() if device.type == "cpu" and args.malloc == "retain" else "default"
+    print(f"microbench on {env['device']} (torch {env['torch']}, triton {env['triton']}, malloc {env['malloc']})",
+          flush=True)
     rows: list = []
     t0 = time.perf_counter()
     for dtype in args.dtypes:

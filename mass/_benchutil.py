@@ -3,12 +3,13 @@
 CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (it flushes the L2 cache and synchronises),
 peak memory from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 CPU: a timer loop with warm-up; several providers are timed in interleaved rounds (one call of each per round)
-so that a background load hits all of them alike; peak memory is the largest resident-set growth seen by a
-sampling thread reading ``/proc/self/statm`` during one call (coarse: the allocator reuses freed memory, so it
-can under-count; ``None`` where /proc is missing).
+so that a background load hits all of them alike; peak memory is the largest amount of tensor memory allocated
+above the starting level during one call, from the profiler's allocation events (resident-set growth where the
+profiler lacks them).
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import os
@@ -19,6 +20,25 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers (malloc.h)
+
+
+def retain_freed_memory() -> str:
+    """Ask glibc's malloc to keep freed memory for reuse: large blocks come from the heap instead of fresh
+    mmaps, and the heap is never trimmed. A freshly mapped page costs a page fault when first written; on
+    small VMs those faults take a large and erratic share of a forward. Process-wide and not undone; returns
+    what was set, or why nothing was."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "default (not glibc)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as exc:
+        return f"default (libc not loaded: {exc})"
+    if libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "default (mallopt refused)"
+    return "retain (glibc mallopt: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB)"
 
 
 def quantiles_ms(samples_s: Sequence[float]) -> dict:
@@ -64,7 +84,18 @@ def time_interleaved_cpu(
     for name, s in samples.items():
         out[name] = quantiles_ms(s)
         out[name]["timer"] = "perf_counter interleaved rounds"
+        out[name]["samples_ms"] = [t * 1e3 for t in s]  # round i of every provider ran back to back
     return out
+
+
+def paired_ratio(samples_ms: Sequence[float], floor_samples_ms: Sequence[float]) -> Optional[dict]:
+    """Median [p20, p80] over rounds of ``sample_i / floor_i``: each ratio is taken within one round, so slow
+    drift of the machine cancels. None unless both providers were timed in the same rounds."""
+    if not samples_ms or len(samples_ms) != len(floor_samples_ms):
+        return None
+    ratios = torch.tensor([a / b for a, b in zip(samples_ms, floor_samples_ms)], dtype=torch.float64)
+    q = torch.quantile(ratios, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return {"median": q[0], "p20": q[1], "p80": q[2]}
 
 
 def time_providers(fns: dict, device: torch.device, **cpu_kwargs) -> dict:
@@ -81,8 +112,34 @@ def _rss_bytes() -> Optional[int]:
         return None
 
 
+def _cpu_peak_tensor_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Largest amount of CPU tensor memory allocated above the starting level during one call, summed from the
+    profiler's allocation events (frees included), so independent of what the C allocator keeps mapped. None
+    where this torch's profiler does not expose them."""
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        stack, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        while stack:
+            event = stack.pop()
+            stack.extend(event.children)
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    running = peak = 0
+    for _, size in sorted(allocations, key=lambda a: a[0]):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
-    """Peak memory of one call: CUDA max allocated (absolute and above the pre-call level), CPU RSS growth."""
+    """Peak memory of one call above the pre-call level: CUDA max allocated; CPU tensor bytes from the profiler's
+    allocation events, else (older torch) resident-set growth."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,6 +150,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_bytes": peak, "peak_above_start_bytes": peak - before,
                 "method": "torch.cuda.max_memory_allocated"}
+    peak_tensors = _cpu_peak_tensor_bytes(fn)
+    if peak_tensors is not None:
+        return {"peak_bytes": None, "peak_above_start_bytes": peak_tensors,
+                "method": "CPU tensor bytes allocated above the start of one call (torch.profiler allocation events)"}
     base = _rss_bytes()
     if base is None:
         return {"peak_bytes": None, "peak_above_start_bytes": None, "method": "n/a (no /proc/self/statm)"}

@@ -21,9 +21,12 @@ decision is replaced, because routing on random weights means nothing); ``router
 The router runs in ``top1`` mode by default (``--router-mode``); with ``topk`` the authors' procedure would
 re-run TSV-M (SVDs) per selected set and batch, which this benchmark does not time.
 
-Columns: latency median [p20, p80], ratio to ``plain``, peak memory of one call (CUDA max allocated; CPU RSS
-growth, coarse), bytes resident, and stored bytes relative to the pretrained model (exact:
+Columns: latency median [p20, p80], ratio to ``plain`` (of the medians, and paired: the median over rounds of
+the ratio within a round), peak memory of one call (CUDA max allocated; CPU tensor bytes from the profiler's
+allocation events), bytes resident, and stored bytes relative to the pretrained model (exact:
 ``TaskDecomposition.storage_factor()`` for MASS and the authors' procedure, T for the ensemble, 1 for plain).
+On CPU the run first asks glibc to keep freed memory (``--malloc retain``, the default; ``--malloc default``
+leaves the allocator alone): every row runs under the same setting and the report records it.
 Weights are random (latency does not depend on them); the decomposition comes from
 :func:`mass.testing.random_decomposition`. Outputs of ``authors``, ``ours`` and ``ensemble`` are checked
 against each other before timing.
@@ -40,7 +43,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._benchutil import device_slug, environment, peak_memory, tensor_bytes, time_providers
+from ._benchutil import (
+    device_slug,
+    environment,
+    paired_ratio,
+    peak_memory,
+    retain_freed_memory,
+    tensor_bytes,
+    time_providers,
+)
 
 MODEL_CONFIGS = {
     "B32": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -270,6 +281,8 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                     if p in timings:
                         rec.update(timings[p])
                         rec["ratio_to_plain"] = rec["median_ms"] / floor if floor else None
+                        rec["paired_ratio_to_plain"] = paired_ratio(rec.get("samples_ms"),
+                                                                    timings.get("plain", {}).get("samples_ms", []))
                         if args.memory:
                             rec["memory"] = peak_memory(fns[p], device)
                     results.append(rec)
@@ -288,7 +301,12 @@ def _print(r):
     mem = (r.get("memory") or {}).get("peak_above_start_bytes")
     mem_s = "n/a" if mem is None else f"{mem / 2**20:.0f} MiB"
     print(f"{head} {r['median_ms']:9.1f} ms [{r['p20_ms']:.1f}, {r['p80_ms']:.1f}]  x{r['ratio_to_plain']:.2f}"
-          f"  peak +{mem_s}  stored x{r['stored_vs_pretrained']:.3f}", flush=True)
+          f" (paired {_paired(r)})  peak +{mem_s}  stored x{r['stored_vs_pretrained']:.3f}", flush=True)
+
+
+def _paired(r) -> str:
+    p = r.get("paired_ratio_to_plain")
+    return "n/a" if p is None else f"{p['median']:.2f} [{p['p20']:.2f}, {p['p80']:.2f}]"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -307,6 +325,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, default=None, help="CPU: stop a row group after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                   help="CPU: 'retain' (default) makes glibc keep freed memory for reuse instead of returning it "
+                        "(fresh pages fault on first write: a large, erratic cost on small VMs); every row runs "
+                        "under the same setting, and the report records it")
     p.add_argument("--out", default="bench/results", help="directory for JSON, PNG and Markdown ('' = none)")
     p.add_argument("--tag", default=None, help="file-name stem (default: <device>-e2e[-quick])")
     return p
@@ -316,7 +338,7 @@ def _resolve(args) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    quick = dict(models=["B32"], tasks=[8], batches=[1, 8, 16], mix=["mixed"], repeats=5, max_time=240.0)
+    quick = dict(models=["B32"], tasks=[8], batches=[1, 8, 16], mix=["mixed"], repeats=9, max_time=240.0)
     full = dict(models=["B32", "B16", "L14"], tasks=[8, 14, 20], batches=[1, 8, 32, 128], mix=["mixed", "router"],
                 repeats=10, max_time=600.0)
     for key, value in (quick if args.quick else full).items():
@@ -333,8 +355,10 @@ def run_bench(args=None) -> dict:
         args = add_arguments(argparse.ArgumentParser(prog="mass bench")).parse_args(args)
     device = _resolve(args)
     env = environment(device)
+    env["malloc"] = retain_freed_memory() if device.type == "cpu" and args.malloc == "retain" else "default"
     print(f"mass bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-          f"{env['torch_threads']} threads, load average {env['loadavg_at_start']}", flush=True)
+          f"{env['torch_threads']} threads, malloc {env['malloc']}, load average {env['loadavg_at_start']}",
+          flush=True)
     results: list = []
     t0 = time.perf_counter()
     for name in args.models:
@@ -407,13 +431,16 @@ def summary_markdown(report: dict, stem: str) -> str:
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
         f"{env['torch_threads']} threads, {cfg['dtype']}, router {cfg['router_mode']}, commit `{env['git_commit']}`, "
         f"{env['date']}. Load average at start {env['loadavg_at_start']}, at end {report.get('loadavg_at_end')} "
-        f"(other processes share this machine: read p20/p80 as the noise).", "",
+        f"(other processes share this machine: read p20/p80 as the noise). C allocator: {env.get('malloc', 'default')}.",
+        "",
         f"Files: `{stem}.json` (every figure), `{stem}.png` (latency ratio vs batch).", "",
-        "Latency: median [p20, p80] ms over interleaved rounds; ratio to one plain forward. Peak: memory growth "
-        "during one call (CPU: RSS, coarse). Resident: bytes of weights/banks held. Stored: bytes on disk relative "
+        "Latency: median [p20, p80] ms over interleaved rounds; × plain: ratio of the medians; paired: median "
+        "[p20, p80] over rounds of the ratio within each round (CPU; it cancels the machine's drift). Peak: memory "
+        "allocated above the starting level during one call (CUDA: max allocated; CPU: tensor bytes from the "
+        "profiler's allocation events). Resident: bytes of weights/banks held. Stored: bytes on disk relative "
         "to the pretrained model (exact).", "",
-        "| model | T | batch | mix | row | latency ms | × plain | peak MiB | resident MiB | stored × | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | T | batch | mix | row | latency ms | × plain | paired × | peak MiB | resident MiB | stored × | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if "median_ms" in r:
@@ -422,9 +449,10 @@ def summary_markdown(report: dict, stem: str) -> str:
             peak = _mib((r.get("memory") or {}).get("peak_above_start_bytes"))
         else:
             lat, ratio, peak = r["status"], "—", "—"
+        paired = _paired(r) if "median_ms" in r else "—"
         note = r.get("reason") or ""
         lines.append(f"| {r['model']} | {r['n_tasks']} | {r['batch']} | {r['mix']} | {r['provider']} | {lat} | "
-                     f"{ratio} | {peak} | {_mib(r.get('resident_bytes'))} | {r['stored_vs_pretrained']:.3f} | "
+                     f"{ratio} | {paired} | {peak} | {_mib(r.get('resident_bytes'))} | {r['stored_vs_pretrained']:.3f} | "
                      f"{note} |")
     lines += ["", "Rows: plain = one pretrained forward; authors = full TSV-M pass, then per task group dense "
               "weights rebuilt (W0 + U S V) and one forward per group; ours = MASSModel (first pass stopped at "

@@ -25,7 +25,8 @@ def test_random_decomposition_shapes():
 
 def test_e2e_bench_tiny(tmp_path):
     report = bench.run_bench(["--models", "tiny", "--tasks", "2", "--batches", "3", "--mix", "mixed", "router",
-                              "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+                              "--repeats", "2", "--warmup", "0", "--threads", "1", "--malloc", "default",
+                              "--out", str(tmp_path)])
     rows = report["results"]
     assert {r["provider"] for r in rows} == set(bench.PROVIDERS)
     for r in rows:
@@ -37,8 +38,17 @@ def test_e2e_bench_tiny(tmp_path):
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
     plain = [r for r in rows if r["provider"] == "plain"]
     assert all(abs(r["ratio_to_plain"] - 1.0) < 1e-9 and r["stored_vs_pretrained"] == 1.0 for r in plain)
+    assert all(abs(r["paired_ratio_to_plain"]["median"] - 1.0) < 1e-9 for r in plain)
+    floor = {(r["batch"], r["mix"]): r["samples_ms"] for r in plain}
+    for r in rows:
+        if r["status"] == "ok":  # one sample per round; the paired ratio comes from those same rounds
+            assert len(r["samples_ms"]) == r["n"] >= 2
+            ratios = sorted(a / b for a, b in zip(r["samples_ms"], floor[r["batch"], r["mix"]]))
+            assert ratios[0] <= r["paired_ratio_to_plain"]["median"] <= ratios[-1]
     assert all(r["stored_vs_pretrained"] == 2.0 for r in rows if r["provider"] == "ensemble")
     assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours")
+    assert report["env"]["malloc"] == "default"
+    assert all(r["memory"]["peak_above_start_bytes"] > 0 for r in rows if r["status"] == "ok")
     for env_key in ("device", "torch", "triton", "git_commit", "date"):
         assert env_key in report["env"]
     names = os.listdir(tmp_path)
@@ -60,7 +70,7 @@ def test_microbench_one_tiny_shape(tmp_path, monkeypatch):
     args = mb.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--models", "tiny", "--layers", "fc1", "--batches", "2", "--tasks", "4", "--topk", "1", "2",
          "--mix", "mixed", "--repeats", "2", "--warmup", "0", "--no-compile", "--device", "cpu",
-         "--out", str(tmp_path)])
+         "--malloc", "default", "--out", str(tmp_path)])
     args.models = ["tiny"]
     result = mb.run_microbench(args)
     rows = result["results"]
@@ -85,3 +95,34 @@ def test_microbench_catches_a_wrong_provider(monkeypatch):
                                 ref, "fp32", torch.device("cpu"), None)
     assert set(to_time) == {"floor", "good"}
     assert info["bad"]["status"] == "failed"
+
+
+def test_cpu_peak_memory_counts_tensor_allocations():
+    """Peak of tensors alive together during the call (frees included), whatever the allocator keeps mapped."""
+    from mass._benchutil import peak_memory
+
+    def work():
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 8 MB alive
+        del a
+        c = torch.ones(500, 1000)  # 6 MB alive
+        return b.sum() + c.sum()
+
+    got = peak_memory(work, torch.device("cpu"))["peak_above_start_bytes"]
+    assert 8_000_000 <= got < 8_100_000
+
+
+def test_retain_freed_memory_in_a_fresh_process():
+    """The bench's allocator setting takes effect where glibc is the C library (it is process-wide, so it is
+    tried in a child process, not in the test session)."""
+    import platform
+    import subprocess
+
+    code = "from mass._benchutil import retain_freed_memory; print(retain_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    said = out.stdout.strip().splitlines()[-1]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert said.startswith("retain"), said
+    else:
+        assert said.startswith("default"), said
+
