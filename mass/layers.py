@@ -259,7 +259,9 @@ class MASSConv2d(_TaskModule):
         if conv.padding_mode != "zeros":
             raise NotImplementedError("MASSConv2d supports padding_mode='zeros' only")
         self.weight, self.bias = conv.weight, conv.bias
-        self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias"))
+        self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias",
+                                           "fine_tuned_weight"))
+        self._fine_tuned_from = None
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -270,21 +272,24 @@ class MASSConv2d(_TaskModule):
         if deltas is not None:
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
-        self._entry_weights = None
+        self.fine_tuned_weight, self._fine_tuned_from = None, None
 
-    def _fine_tuned_weights(self) -> torch.Tensor:
-        """``W0 + Δ_e`` for every entry, flattened to (entries, out, in·kh·kw) in the bank layout. With them a
-        top-1 patch embedding on the CPU fast path is one GEMM per group, as many FLOPs as the plain conv,
-        instead of a base GEMM plus a delta GEMM. Costs one more bank of memory, built on first use and
-        rebuilt whenever the base weight or the deltas change (new storage or an in-place write)."""
+    def _fine_tuned_weights(self, n_entries: int) -> torch.Tensor:
+        """``W0 + Δ_e`` for the first ``n_entries`` entries (top-1 rows use task entries, which come first),
+        flattened to (entries, out, in·kh·kw) in the bank layout. With them a top-1 patch embedding on the CPU
+        fast path is one GEMM per group, as many FLOPs as the plain conv, instead of a base GEMM plus a delta
+        GEMM. Costs that many patch weights of memory (ViT-B/32, T = 8: 72 MiB in fp32), held as a
+        non-persistent buffer so it counts in the module's tensors; built on first use and rebuilt when more
+        entries are needed or the base weight or the deltas change (new tensors, new storage, in-place writes)."""
         sources = (self.weight, self.task_weight)
         state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        cached = getattr(self, "_entry_weights", None)
-        if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != state:
-            E = self.task_weight.shape[0]
-            whole = self.weight.reshape(1, self.out_channels, -1) + self.task_weight.reshape(E, self.out_channels, -1)
-            cached = self._entry_weights = (sources, state, bank_layout(whole))
-        return cached[2]
+        built_from, cached = self._fine_tuned_from, self.fine_tuned_weight
+        if cached is None or cached.shape[0] < n_entries or built_from[1] != state \
+                or any(a is not b for a, b in zip(built_from[0], sources)):
+            deltas = self.task_weight[:n_entries].reshape(n_entries, self.out_channels, -1)
+            whole = self.weight.reshape(1, self.out_channels, -1) + deltas
+            self.fine_tuned_weight, self._fine_tuned_from = bank_layout(whole), (sources, state)
+        return self.fine_tuned_weight
 
     def _lay_out_banks(self) -> None:
         self.set_weight_deltas(self.task_weight)
@@ -303,7 +308,9 @@ class MASSConv2d(_TaskModule):
         patches = x[:, :, : gh * kh, : gw * kw].reshape(B, C, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(B * gh * gw, C * kh * kw)
         if row_weights is None and self.state._one_entry_each:
-            y = whole_weight_segments_torch(patches, self._fine_tuned_weights(), self.bias, segments, self.task_bias)
+            n_entries = 1 + max(entry for _, entry, _, _ in segments)
+            y = whole_weight_segments_torch(patches, self._fine_tuned_weights(n_entries), self.bias, segments,
+                                            self.task_bias)
         else:
             E = self.task_weight.shape[0]
             y = dense_delta_segments_torch(

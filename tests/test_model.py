@@ -250,8 +250,7 @@ def test_conv_patch_whole_weights_follow_weight_changes():
     gen = torch.Generator().manual_seed(1)
     conv.set_weight_deltas(torch.randn(3, 8, 3, 4, 4, generator=gen))
     conv.task_bias = torch.randn(3, 8, generator=gen)
-    x = torch.randn(3, 3, 8, 8, generator=gen)
-    entries, weights, segments = torch.tensor([[2], [0], [1]]), torch.ones(3, 1), [(0, 2, 0, 1), (0, 0, 1, 2), (0, 1, 2, 3)]
+    x, weights = torch.randn(3, 3, 8, 8, generator=gen), torch.ones(3, 1)
 
     def check():
         with state.use("tasks", entries, weights):
@@ -260,7 +259,12 @@ def test_conv_patch_whole_weights_follow_weight_changes():
             fast = conv(x)
         torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-5)
 
+    entries, segments = torch.tensor([[0], [1], [1]]), [(0, 0, 0, 1), (0, 1, 1, 3)]
     check()
+    assert conv.fine_tuned_weight.shape[0] == 2  # only the entries used so far
+    entries, segments = torch.tensor([[2], [0], [1]]), [(0, 2, 0, 1), (0, 0, 1, 2), (0, 1, 2, 3)]
+    check()
+    assert conv.fine_tuned_weight.shape[0] == 3
     with torch.no_grad():
         conv.weight.mul_(2.0)
     check()
