@@ -435,15 +435,16 @@ def summary_markdown(report: dict, stem: str) -> str:
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
         f"{env['torch_threads']} threads, {cfg['dtype']}, router {cfg['router_mode']}, commit `{env['git_commit']}`, "
         f"{env['date']}. Load average at start {env['loadavg_at_start']}, at end {report.get('loadavg_at_end')} "
-        f"(other processes share this machine: read p20/p80 as the noise). C allocator: {env.get('malloc', 'default')}.",
-        "",
+        f"(other processes share this machine: read p20/p80 as the noise). "
+        f"C allocator: {env.get('malloc', 'default')}.", "",
         f"Files: `{stem}.json` (every figure), `{stem}.png` (latency ratio vs batch).", "",
         "Latency: median [p20, p80] ms over interleaved rounds; × plain: ratio of the medians; paired: median "
         "[p20, p80] over rounds of the ratio within each round (CPU; it cancels the machine's drift). Peak: memory "
         "allocated above the starting level during one call (CUDA: max allocated; CPU: tensor bytes from the "
         "profiler's allocation events). Resident: bytes of weights/banks held. Stored: bytes on disk relative "
         "to the pretrained model (exact).", "",
-        "| model | T | batch | mix | row | latency ms | × plain | paired × | peak MiB | resident MiB | stored × | note |",
+        "| model | T | batch | mix | row | latency ms | × plain | paired × | peak MiB | resident MiB | stored × "
+        "| note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
@@ -456,8 +457,8 @@ def summary_markdown(report: dict, stem: str) -> str:
         paired = _paired(r) if "median_ms" in r else "—"
         note = r.get("reason") or ""
         lines.append(f"| {r['model']} | {r['n_tasks']} | {r['batch']} | {r['mix']} | {r['provider']} | {lat} | "
-                     f"{ratio} | {paired} | {peak} | {_mib(r.get('resident_bytes'))} | {r['stored_vs_pretrained']:.3f} | "
-                     f"{note} |")
+                     f"{ratio} | {paired} | {peak} | {_mib(r.get('resident_bytes'))} | "
+                     f"{r['stored_vs_pretrained']:.3f} | {note} |")
     lines += ["", "Rows: plain = one pretrained forward; authors = full TSV-M pass, then per task group dense "
               "weights rebuilt (W0 + U S V) and one forward per group; ours = MASSModel (first pass stopped at "
               "the routing block, one batched second pass); ours_graph = second pass in a CUDA graph (CUDA only); "
