@@ -360,7 +360,8 @@ def markdown(result: dict) -> str:
     env = result["env"]
     lines = [f"# Microbenchmarks — {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, {env['torch_threads']} threads, commit "
-             f"`{env['git_commit']}`, {env['date']}, load average at start {env['loadavg_at_start']}.", "",
+             f"`{env['git_commit']}`, {env['date']}, load average at start {env['loadavg_at_start']}, "
+             f"C allocator {env.get('malloc', 'default')}.", "",
              "Cells: median ms [p20, p80] ×ratio to the floor (F.linear with the base weight alone; for routing "
              "the GEMM x·Vcatᵀ alone). Every provider was checked against the reference before timing.", ""]
     groups: dict = {}
