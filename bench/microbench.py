@@ -35,7 +35,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mass_kernels  # noqa: E402
-from mass._benchutil import device_slug, environment, peak_memory, retain_freed_memory, time_providers  # noqa: E402
+from mass._benchutil import (  # noqa: E402
+    add_malloc_argument,
+    device_slug,
+    environment,
+    malloc_setting,
+    peak_memory,
+    time_providers,
+)
 from mass_kernels.reference import lowrank_linear_torch, routing_residuals_torch  # noqa: E402
 
 MODELS = {  # hidden, MLP, tokens per image
@@ -289,8 +296,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--gather-cap-gib", type=float, default=4.0, help="skip gather_bmm above this gathered size")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
-    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
-                   help="CPU: let glibc keep freed memory for reuse (default), as `mass bench` does")
+    add_malloc_argument(p)
     return p
 
 
@@ -315,7 +321,7 @@ def resolve(args):
 def run_microbench(args) -> dict:
     device = resolve(args)
     env = environment(device)
-    env["malloc"] = retain_freed_memory() if device.type == "cpu" and args.malloc == "retain" else "default"
+    env["malloc"] = malloc_setting(device, args.malloc)
     print(f"microbench on {env['device']} (torch {env['torch']}, triton {env['triton']}, malloc {env['malloc']})",
           flush=True)
     rows: list = []

@@ -41,9 +41,25 @@ def retain_freed_memory() -> str:
     return "retain (glibc mallopt: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB)"
 
 
+def add_malloc_argument(p) -> None:
+    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                   help="CPU: 'retain' (default) makes glibc keep freed memory for reuse instead of returning it "
+                        "(fresh pages fault on first write: a large, erratic cost on small VMs); every row runs "
+                        "under the same setting, and the report records it")
+
+
+def malloc_setting(device: torch.device, choice: str) -> str:
+    """Apply ``--malloc``: :func:`retain_freed_memory` on the CPU when asked; returns what the report records."""
+    return retain_freed_memory() if device.type == "cpu" and choice == "retain" else "default"
+
+
+def _median_p20_p80(values: Sequence[float]) -> list:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    return torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+
+
 def quantiles_ms(samples_s: Sequence[float]) -> dict:
-    t = torch.tensor(list(samples_s), dtype=torch.float64) * 1e3
-    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    q = _median_p20_p80([s * 1e3 for s in samples_s])
     return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "n": len(samples_s)}
 
 
@@ -93,8 +109,7 @@ def paired_ratio(samples_ms: Sequence[float], floor_samples_ms: Sequence[float])
     drift of the machine cancels. None unless both providers were timed in the same rounds."""
     if not samples_ms or len(samples_ms) != len(floor_samples_ms):
         return None
-    ratios = torch.tensor([a / b for a, b in zip(samples_ms, floor_samples_ms)], dtype=torch.float64)
-    q = torch.quantile(ratios, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    q = _median_p20_p80([a / b for a, b in zip(samples_ms, floor_samples_ms)])
     return {"median": q[0], "p20": q[1], "p80": q[2]}
 
 

@@ -44,11 +44,12 @@ from typing import Optional, Sequence
 import torch
 
 from ._benchutil import (
+    add_malloc_argument,
     device_slug,
     environment,
+    malloc_setting,
     paired_ratio,
     peak_memory,
-    retain_freed_memory,
     tensor_bytes,
     time_providers,
 )
@@ -329,10 +330,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, default=None, help="CPU: stop a row group after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
-    p.add_argument("--malloc", default="retain", choices=["retain", "default"],
-                   help="CPU: 'retain' (default) makes glibc keep freed memory for reuse instead of returning it "
-                        "(fresh pages fault on first write: a large, erratic cost on small VMs); every row runs "
-                        "under the same setting, and the report records it")
+    add_malloc_argument(p)
     p.add_argument("--out", default="bench/results", help="directory for JSON, PNG and Markdown ('' = none)")
     p.add_argument("--tag", default=None, help="file-name stem (default: <device>-e2e[-quick])")
     return p
@@ -359,7 +357,7 @@ def run_bench(args=None) -> dict:
         args = add_arguments(argparse.ArgumentParser(prog="mass bench")).parse_args(args)
     device = _resolve(args)
     env = environment(device)
-    env["malloc"] = retain_freed_memory() if device.type == "cpu" and args.malloc == "retain" else "default"
+    env["malloc"] = malloc_setting(device, args.malloc)
     print(f"mass bench on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"{env['torch_threads']} threads, malloc {env['malloc']}, load average {env['loadavg_at_start']}",
           flush=True)

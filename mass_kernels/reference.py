@@ -139,6 +139,14 @@ def _segment_runs(segments: tuple[tuple[int, int, int, int], ...], device: str) 
     return tuple(out)
 
 
+def _run_bias(bias, task_bias, sel, m: int):
+    """Bias of each of a run's ``m`` entries, (m, out): the shared bias plus the entry's task bias (None if
+    there is neither)."""
+    if task_bias is None:
+        return None if bias is None else bias.expand(m, -1)
+    return task_bias[sel] if bias is None else task_bias[sel] + bias
+
+
 def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.Tensor, bool]:
     """``x Wᵀ + b``, with each run's task bias already in it when every run is slot 0 with unit weights: the
     biases are written first and the GEMM accumulates onto them, one pass over ``y`` fewer. Returns
@@ -157,8 +165,7 @@ def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.T
     for _, sel, start, stop, m, n in runs:
         if start > done:
             fill_base(y[done:start])
-        tb = task_bias[sel] if bias is None else task_bias[sel] + bias
-        y[start:stop].view(m, n, -1).copy_(tb.unsqueeze(1).expand(m, n, -1))
+        y[start:stop].view(m, n, -1).copy_(_run_bias(bias, task_bias, sel, m).unsqueeze(1).expand(m, n, -1))
         done = stop
     if done < y.shape[0]:
         fill_base(y[done:])
@@ -245,9 +252,7 @@ def whole_weight_segments_torch(
     y = torch.empty(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
     for _, sel, start, stop, m, n in runs:
         xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
-        b = None if task_bias is None else task_bias[sel]
-        if bias is not None:
-            b = bias.expand(m, -1) if b is None else b + bias
+        b = _run_bias(bias, task_bias, sel, m)
         if b is None:
             torch.bmm(xs, weights[sel].transpose(1, 2), out=ys)
         else:
