@@ -20,6 +20,7 @@ import mass_kernels
 from mass_kernels.reference import (
     dense_delta_segments_torch,
     lowrank_linear_segments_torch,
+    segment_runs,
     whole_weight_segments_torch,
 )
 
@@ -235,18 +236,34 @@ class MASSLayerNorm(_TaskModule):
             self._require_merged()
             return F.layer_norm(x, self.normalized_shape, self.merged_weight, self.merged_bias, self.eps)
         state = self.state
+        normed = self._normalise(x)
         if self.batch_axis == 0 and state.segments is not None and x.shape[0] == state.batch_size \
                 and state._one_entry_each:
-            # Top-1 on the CPU fast path: samples are grouped by entry, one LayerNorm call per group.
-            weights, biases = self.weight + self.task_weight, self.bias + self.task_bias
-            shape, eps = self.normalized_shape, self.eps
-            return torch.cat([F.layer_norm(x[a:b], shape, weights[e], biases[e], eps) for _, e, a, b in state.segments])
-        normed = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+            # Top-1 on the CPU fast path: samples are grouped by entry; each run of equal groups gets its
+            # entries' affine in one in-place broadcast op.
+            weights = (self.weight + self.task_weight).to(x.dtype).flatten(1)  # (entries, numel of the shape)
+            biases = (self.bias + self.task_bias).to(x.dtype).flatten(1)
+            for _, sel, start, stop, m, _ in segment_runs(state.segments, x.device):
+                rows = normed[start:stop].view(m, -1, weights.shape[1])
+                w, b = weights[sel].unsqueeze(1), biases[sel].unsqueeze(1)
+                if torch.is_grad_enabled():  # the out= form below is not differentiable
+                    rows.mul_(w).add_(b)
+                else:
+                    torch.addcmul(b, rows, w, out=rows)
+            return normed
         w = self.weight + self.state.sample_delta(self.task_weight)
         b = self.bias + self.state.sample_delta(self.task_bias)
         axis = self.batch_axis if x.dim() > 2 else 0
         w, b = _broadcast_samples(w, x.dim(), axis).to(x.dtype), _broadcast_samples(b, x.dim(), axis).to(x.dtype)
         return normed.mul_(w).add_(b)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm without the affine part. On the CPU it is asked for with unit weight and zero bias: PyTorch's
+        CPU kernel is ~2.5x slower without them (800x768 fp32: 284 against 112 us, measured)."""
+        if x.is_cuda:
+            return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        D = self.normalized_shape
+        return F.layer_norm(x, D, x.new_ones(D), x.new_zeros(D), self.eps)
 
 
 class MASSConv2d(_TaskModule):

@@ -288,10 +288,13 @@ def test_layernorm_grouped_path_matches_per_sample_affine():
         generic = ln(x.clone())
     with state.use("tasks", entries, weights, [(0, 0, 0, 2), (0, 2, 2, 3), (0, 1, 3, 5)]):
         grouped = ln(x.clone())
+        with torch.no_grad():  # the affine is then applied with an out= op
+            grouped_no_grad = ln(x.clone())
     want = torch.stack([F.layer_norm(x[i], (10,), ln.weight + ln.task_weight[e], ln.bias + ln.task_bias[e])
                         for i, e in enumerate(entries[:, 0].tolist())])
     torch.testing.assert_close(generic, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grouped, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grouped_no_grad, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("token", ["cls", "mean"])
