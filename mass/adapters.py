@@ -133,11 +133,12 @@ def cls_mlp_input(arch: Architecture, index: int, hidden: torch.Tensor) -> Optio
     if arch.kind == "hf" and type(blk).__name__ == "CLIPEncoderLayer":
         attn = blk.self_attn
         a = blk.layer_norm1(x)
-        q = _heads(attn.q_proj(a[:, :1]), attn.num_heads)
+        # The CLS rows as a 2-D (B, D) input: a 3-D strided one would go through a batched matmul.
+        q = _heads(attn.q_proj(a[:, 0]).unsqueeze(1), attn.num_heads)
         k, v = _heads(attn.k_proj(a), attn.num_heads), _heads(attn.v_proj(a), attn.num_heads)
-        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-        out = attn.out_proj(o.transpose(1, 2).flatten(2))
-        return blk.layer_norm2(x[:, :1] + out)[:, 0]
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, heads, 1, D / heads)
+        out = attn.out_proj(o.reshape(o.shape[0], -1))
+        return blk.layer_norm2(x[:, 0] + out)
     if arch.kind == "open_clip" and type(blk).__name__ in ("ResidualAttentionBlock", "_ResidualAttentionBlock"):
         from .layers import MASSMultiheadAttention
 
@@ -150,7 +151,7 @@ def cls_mlp_input(arch: Architecture, index: int, hidden: torch.Tensor) -> Optio
         D = x.shape[-1]
         q = _heads(qkv[:, :1, :D], mha.num_heads)
         k, v = _heads(qkv[..., D: 2 * D], mha.num_heads), _heads(qkv[..., 2 * D:], mha.num_heads)
-        out = mha.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
-        out = getattr(blk, "ls_1", nn.Identity())(out)
-        return blk.ln_2(x[:, :1] + out)[:, 0]
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, D / heads)
+        out = getattr(blk, "ls_1", nn.Identity())(mha.out_proj(o.reshape(o.shape[0], -1)))
+        return blk.ln_2(x[:, 0] + out)
     return None
