@@ -235,12 +235,15 @@ def device_slug(device: torch.device) -> str:
     return "".join(c if c.isalnum() else "-" for c in base.lower()).strip("-")
 
 
-def git_commit() -> Optional[str]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def git_commit(root: Optional[str] = None) -> Optional[str]:
+    """HEAD of the repository at ``root`` (default: this checkout), with ``-dirty`` when tracked files differ
+    from it. Results written by earlier runs (``bench/results``) do not count: they do not change the code
+    being measured."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

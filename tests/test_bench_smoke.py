@@ -126,3 +126,33 @@ def test_retain_freed_memory_in_a_fresh_process():
     else:
         assert said.startswith("default"), said
 
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_written_results(tmp_path):
+    import shutil
+    import subprocess
+
+    from mass._benchutil import git_commit
+
+    if shutil.which("git") is None:
+        import pytest
+
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "code.py").write_text("a = 1\n")
+    (repo / "bench" / "results" / "run.json").write_text("{}\n")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    clean = git_commit(str(repo))
+    assert clean is not None and len(clean) == 40
+    (repo / "bench" / "results" / "run.json").write_text('{"new": 1}\n')
+    assert git_commit(str(repo)) == clean
+    (repo / "code.py").write_text("a = 2\n")
+    assert git_commit(str(repo)) == clean + "-dirty"
