@@ -2,8 +2,11 @@
 import argparse
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 
+import pytest
 import torch
 
 from mass import bench
@@ -116,7 +119,6 @@ def test_retain_freed_memory_in_a_fresh_process():
     """The bench's allocator setting takes effect where glibc is the C library (it is process-wide, so it is
     tried in a child process, not in the test session)."""
     import platform
-    import subprocess
 
     code = "from mass._benchutil import retain_freed_memory; print(retain_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -127,17 +129,10 @@ def test_retain_freed_memory_in_a_fresh_process():
         assert said.startswith("default"), said
 
 
-
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_git_commit_is_dirty_for_code_changes_not_for_written_results(tmp_path):
-    import shutil
-    import subprocess
-
     from mass._benchutil import git_commit
 
-    if shutil.which("git") is None:
-        import pytest
-
-        pytest.skip("git is not installed")
     repo = tmp_path / "repo"
     (repo / "bench" / "results").mkdir(parents=True)
     (repo / "code.py").write_text("a = 1\n")

@@ -275,18 +275,22 @@ def test_conv_patch_whole_weights_follow_weight_changes():
     check()
 
 
-def test_layernorm_grouped_path_matches_per_sample_affine():
+@pytest.mark.parametrize("entries, segments", [
+    ([0, 0, 2, 1, 1], [(0, 0, 0, 2), (0, 2, 2, 3), (0, 1, 3, 5)]),  # unequal groups: one affine call each
+    ([0, 0, 2, 2, 1, 1], [(0, 0, 0, 2), (0, 2, 2, 4), (0, 1, 4, 6)]),  # equal groups: one call, entries 0, 2, 1
+])
+def test_layernorm_grouped_path_matches_per_sample_affine(entries, segments):
     from mass.layers import MASSLayerNorm, PassState
 
     state = PassState()
     ln = MASSLayerNorm(torch.nn.LayerNorm(10), state)
     gen = torch.Generator().manual_seed(0)
     ln.task_weight, ln.task_bias = torch.randn(3, 10, generator=gen), torch.randn(3, 10, generator=gen)
-    x = torch.randn(5, 4, 10, generator=gen)
-    entries, weights = torch.tensor([[0], [0], [2], [1], [1]]), torch.ones(5, 1)
+    x = torch.randn(len(entries), 4, 10, generator=gen)
+    entries, weights = torch.tensor(entries).view(-1, 1), torch.ones(len(entries), 1)
     with state.use("tasks", entries, weights):
         generic = ln(x.clone())
-    with state.use("tasks", entries, weights, [(0, 0, 0, 2), (0, 2, 2, 3), (0, 1, 3, 5)]):
+    with state.use("tasks", entries, weights, segments):
         grouped = ln(x.clone())
         with torch.no_grad():  # the affine is then applied with an out= op
             grouped_no_grad = ln(x.clone())
