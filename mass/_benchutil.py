@@ -9,12 +9,14 @@ profiler lacks them).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -127,6 +129,27 @@ def _rss_bytes() -> Optional[int]:
         return None
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send what native code writes to file descriptor 2 to /dev/null for the block: the profiler's C++ side
+    logs a start/stop line pair each time it is used, two noise lines per benchmark row. The call it wraps has
+    already run before (checked and timed), so its warnings were shown then; exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_tensor_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Largest amount of CPU tensor memory allocated above the starting level during one call, summed from the
     profiler's allocation events (frees included), so independent of what the C allocator keeps mapped. None
@@ -135,7 +158,7 @@ def _cpu_peak_tensor_bytes(fn: Callable[[], object]) -> Optional[int]:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         stack, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []
         while stack:

@@ -151,3 +151,16 @@ def test_git_commit_is_dirty_for_code_changes_not_for_written_results(tmp_path):
     assert git_commit(str(repo)) == clean
     (repo / "code.py").write_text("a = 2\n")
     assert git_commit(str(repo)) == clean + "-dirty"
+
+
+def test_peak_memory_keeps_the_profilers_native_log_off_stderr():
+    """In a child process, so the descriptors of the test session are not touched: nothing the profiler logs
+    reaches stderr, and stderr works again afterwards."""
+    code = ("import sys, torch\n"
+            "from mass._benchutil import peak_memory\n"
+            "got = peak_memory(lambda: torch.ones(1000, 1000).sum(), torch.device('cpu'))\n"
+            "print('after', file=sys.stderr)\n"
+            "print(got['peak_above_start_bytes'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stderr.strip() == "after", out.stderr
+    assert int(out.stdout.strip().splitlines()[-1]) >= 4_000_000
