@@ -237,8 +237,7 @@ class MASSLayerNorm(_TaskModule):
             return F.layer_norm(x, self.normalized_shape, self.merged_weight, self.merged_bias, self.eps)
         state = self.state
         normed = self._normalise(x)
-        if self.batch_axis == 0 and state.segments is not None and x.shape[0] == state.batch_size \
-                and state._one_entry_each:
+        if state.row_segments(x.shape[:-1], self.batch_axis) is not None and state._one_entry_each:
             # Top-1 on the CPU fast path: samples are grouped by entry; each run of equal groups gets its
             # entries' affine in one in-place broadcast op.
             weights = (self.weight + self.task_weight).to(x.dtype).flatten(1)  # (entries, numel of the shape)
@@ -299,13 +298,13 @@ class MASSConv2d(_TaskModule):
         non-persistent buffer so it counts in the module's tensors; built on first use and rebuilt when more
         entries are needed or the base weight or the deltas change (new tensors, new storage, in-place writes)."""
         sources = (self.weight, self.task_weight)
-        state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         built_from, cached = self._fine_tuned_from, self.fine_tuned_weight
-        if cached is None or cached.shape[0] < n_entries or built_from[1] != state \
+        if cached is None or cached.shape[0] < n_entries or built_from[1] != stamp \
                 or any(a is not b for a, b in zip(built_from[0], sources)):
             deltas = self.task_weight[:n_entries].reshape(n_entries, self.out_channels, -1)
             whole = self.weight.reshape(1, self.out_channels, -1) + deltas
-            self.fine_tuned_weight, self._fine_tuned_from = bank_layout(whole), (sources, state)
+            self.fine_tuned_weight, self._fine_tuned_from = bank_layout(whole), (sources, stamp)
         return self.fine_tuned_weight
 
     def _lay_out_banks(self) -> None:

@@ -172,6 +172,13 @@ def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.T
     return y.addmm_(x, weight.T), True
 
 
+def _add_task_bias(ys: torch.Tensor, task_bias, sel, w) -> None:
+    """Add a run's task biases (times the rows' weights ``w``, if any) to its output rows ``ys`` (m, n, out)."""
+    if task_bias is not None:
+        tb = task_bias[sel].unsqueeze(1)
+        ys.add_(tb if w is None else w * tb)
+
+
 def _segment_weights(row_weights, start, stop, slot, m, n, dtype):
     return None if row_weights is None else row_weights[start:stop, slot].reshape(m, n, 1).to(dtype)
 
@@ -203,9 +210,8 @@ def lowrank_linear_segments_torch(
             h.mul_(w)
         ys = y[start:stop].view(m, n, -1)
         ys.baddbmm_(h, U[sel].transpose(1, 2))
-        if task_bias is not None and not biased:
-            tb = task_bias[sel].unsqueeze(1)
-            ys.add_(tb if w is None else w * tb)
+        if not biased:
+            _add_task_bias(ys, task_bias, sel, w)
     return y
 
 
@@ -229,9 +235,8 @@ def dense_delta_segments_torch(
             ys.baddbmm_(xs, deltas[sel].transpose(1, 2))
         else:
             ys.add_(torch.bmm(xs, deltas[sel].transpose(1, 2)).mul_(w))
-        if task_bias is not None and not biased:
-            tb = task_bias[sel].unsqueeze(1)
-            ys.add_(tb if w is None else w * tb)
+        if not biased:
+            _add_task_bias(ys, task_bias, sel, w)
     return y
 
 
