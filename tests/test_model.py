@@ -240,6 +240,25 @@ def test_conv_patch_gemm_matches_per_entry_loop(grouping):
     torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["base", "merged"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_shared_passes_patch_gemm_matches_conv(mode, bias):
+    """On the CPU the first pass (merged weights) and the pretrained forward embed patches with one GEMM over
+    the patches: the same values as the convolution, the image cropped to whole patches as the conv does."""
+    from mass.layers import MASSConv2d, PassState
+
+    state = PassState()
+    conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=bias), state)
+    gen = torch.Generator().manual_seed(2)
+    conv.merged_weight = torch.randn(8, 3, 4, 4, generator=gen)
+    conv.merged_bias = torch.randn(8, generator=gen) if bias else None
+    w, b = (conv.weight, conv.bias) if mode == "base" else (conv.merged_weight, conv.merged_bias)
+    x = torch.randn(2, 3, 18, 17, generator=gen)  # 4 x 4 patches, ragged border
+    with torch.no_grad(), state.use(mode):
+        got = conv(x)
+    torch.testing.assert_close(got, F.conv2d(x, w, b, stride=4), atol=1e-5, rtol=1e-5)
+
+
 def test_conv_patch_whole_weights_follow_weight_changes():
     """The top-1 patch path multiplies by cached ``W0 + Δ_e``: an in-place write to the base weight or to the
     deltas (as ``load_state_dict`` does), or a new delta bank, must be seen by the next forward."""
