@@ -352,7 +352,8 @@ def run_microbench(args) -> dict:
             json.dump(result, f, indent=1)
         with open(os.path.join(args.out, tag + ".md"), "w") as f:
             f.write(markdown(result))
-        print(f"wrote {os.path.join(args.out, tag)}.json/.md")
+        plot(result, os.path.join(args.out, tag + ".png"))
+        print(f"wrote {os.path.join(args.out, tag)}.json/.md/.png")
     return result
 
 
@@ -383,6 +384,59 @@ def markdown(result: dict) -> str:
         lines.append(f"| {op} | {model} | {layer} | {batch} | {T} | {topk or ''} | {mix or ''} | {dtype} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _panel(r) -> str:
+    if r["op"] == "routing_residuals":
+        return "routing_residuals"
+    return f"lowrank_linear, top-{r['topk']}, {r['mix']}"
+
+
+def plot(result: dict, path: str) -> None:
+    """Ratio to the floor against the floor's own latency (problem size), one panel per op kind, one colour
+    per provider: a grid of hundreds of cells is easier to read as where each provider's points lie."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floors = {}
+    for r in result["results"]:
+        if r["provider"] == "floor" and r["status"] == "ok":
+            floors[(r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"])] = r
+    points: dict = {}
+    for r in result["results"]:
+        key = (r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"])
+        if r["provider"] == "floor" or r["status"] != "ok" or key not in floors:
+            continue
+        points.setdefault(_panel(r), {}).setdefault(r["provider"], []).append(
+            (floors[key]["median_ms"], r["ratio_to_floor"]))
+    if not points:
+        return
+    panels = sorted(points)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    colours = dict(zip(LOWRANK_PROVIDERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, panel in zip(axes.flat, panels):
+        for prov in LOWRANK_PROVIDERS:
+            if prov in points[panel]:
+                x, y = zip(*sorted(points[panel][prov]))
+                ax.plot(x, y, "o", ms=3.5, alpha=0.75, color=colours[prov], label=prov)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("floor latency, ms (problem size)")
+        ax.set_ylabel("latency / floor")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+    env = result["env"]
+    fig.suptitle(f"{env['device'][:60]}, {', '.join(sorted({r['dtype'] for r in result['results']}))}, "
+                 f"commit {str(env['git_commit'])[:7]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):

@@ -88,7 +88,11 @@ def test_microbench_one_tiny_shape(tmp_path, monkeypatch):
         if r["provider"] != "floor":
             assert r["max_rel_err"] < 1e-3
     assert {r["op"] for r in rows} == {"lowrank_linear", "routing_residuals"}
-    assert any(n.endswith(".json") for n in os.listdir(tmp_path))
+    files = os.listdir(tmp_path)
+    assert {os.path.splitext(n)[1] for n in files} == {".json", ".md", ".png"}
+    png = next(n for n in files if n.endswith(".png"))
+    with open(tmp_path / png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_microbench_catches_a_wrong_provider(monkeypatch):
