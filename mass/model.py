@@ -447,7 +447,8 @@ class MASSModel(nn.Module):
         entries, weights = self._entries(routing)
         order, segments = None, None
         if not entries.is_cuda:
-            order, segments = group_rows(entries)  # CPU fast path: each entry's samples become one slice
+            # CPU fast path: each entry's samples become one slice (order None: already in entry order)
+            order, segments = group_rows(entries)
         if order is not None:
             inputs, kwargs = _take(inputs, order, entries.shape[0]), _take(kwargs, order, entries.shape[0])
             entries, weights = entries[order], weights[order]

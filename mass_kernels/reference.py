@@ -86,7 +86,10 @@ def lowrank_linear_grouped_torch(
         bias = None if bias is None else bias.float()
         task_bias = None if task_bias is None else task_bias.float()
     order, segments = group_rows(tasks[:, None])
-    weights = None if row_weights is None else row_weights.reshape(-1, 1).index_select(0, order)
+    weights = None if row_weights is None else row_weights.reshape(-1, 1)
+    if order is None:  # already in task order (e.g. a task-homogeneous batch): no row copies
+        return lowrank_linear_segments_torch(x, weight, bias, U, S, V, segments, weights, task_bias).to(dtype)
+    weights = None if weights is None else weights.index_select(0, order)
     y_sorted = lowrank_linear_segments_torch(x.index_select(0, order), weight, bias, U, S, V, segments, weights,
                                              task_bias)
     return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).to(dtype)
@@ -94,10 +97,15 @@ def lowrank_linear_grouped_torch(
 
 def group_rows(ids: torch.Tensor) -> tuple:
     """Order rows by their slot-0 id (stable) and list each slot's runs as ``(slot, id, start, stop)`` over
-    the ordered rows (id -1 = none: no segment). One host sync. ``(None, None)`` when an id of a later slot
-    is split over several runs, so its rows are not one slice."""
-    order = torch.argsort(ids[:, 0], stable=True)
-    ordered = ids.index_select(0, order)
+    the ordered rows (id -1 = none: no segment). One host sync. ``order`` is None when the rows are already in
+    that order (nothing to permute); ``(None, None)`` when an id of a later slot is split over several runs,
+    so its rows are not one slice."""
+    first = ids[:, 0]
+    if bool((first[1:] >= first[:-1]).all()):
+        order, ordered = None, ids
+    else:
+        order = torch.argsort(first, stable=True)
+        ordered = ids.index_select(0, order)
     segments = []
     for slot in range(ids.shape[1]):
         values, counts = torch.unique_consecutive(ordered[:, slot], return_counts=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import mass
 from mass.merging import tsv_merge_from_decomposition
 from mass.model import extract_embedding
+from mass_kernels.reference import group_rows
 
 from conftest import build_model, make_setup
 
@@ -55,6 +56,13 @@ def test_mixed_batch_equals_per_sample_forced(arch, images, mode):
     for i in range(images.shape[0]):
         single = emb(model(images[i : i + 1], task_ids=forced[i : i + 1]))
         torch.testing.assert_close(batch[i : i + 1], single, atol=2e-5, rtol=1e-4)
+    if mode == "top1":  # samples already in task order: the CPU fast path runs without reordering them
+        in_order = torch.tensor([0, 0, 1, 2, 2, 3])
+        assert group_rows(in_order[:, None])[0] is None
+        batch = emb(model(images, task_ids=in_order))
+        for i in range(images.shape[0]):
+            single = emb(model(images[i : i + 1], task_ids=in_order[i : i + 1]))
+            torch.testing.assert_close(batch[i : i + 1], single, atol=2e-5, rtol=1e-4)
 
 
 def test_task_set_applies_tsv_merge_over_the_set(arch, images):

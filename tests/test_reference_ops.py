@@ -79,6 +79,26 @@ def test_cpu_grouped_path_low_precision_matches_reference(dtype, tol):
     torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("tasks,in_order", [([2] * 7, True), ([-1, -1, 0, 0, 0, 3, 4], True),
+                                             ([1, 0, 0, 2, -1, 1, 3], False)])
+def test_cpu_grouped_path_with_rows_in_task_order_or_not(tasks, in_order):
+    """One task per row on the CPU: rows already in task order (a task-homogeneous batch, a pre-sorted one) are
+    used in place, without the permutation; either way the result is the direct computation."""
+    from mass_kernels.reference import group_rows
+
+    gen = torch.Generator().manual_seed(7)
+    N, din, dout, T, k = len(tasks), 12, 10, 5, 3
+    x, W, b = torch.randn(N, din, generator=gen), torch.randn(dout, din, generator=gen), torch.randn(dout, generator=gen)
+    U, S, V = torch.randn(T, dout, k, generator=gen), torch.rand(T, k, generator=gen), torch.randn(T, k, din, generator=gen)
+    tasks, weights, tb = torch.tensor(tasks), torch.rand(N, generator=gen), torch.randn(T, dout, generator=gen)
+    order, segments = group_rows(tasks[:, None])
+    assert (order is None) == in_order and segments is not None
+    got = mass_kernels.lowrank_linear(x, W, b, U, S, V, tasks, weights, tb)
+    want = _direct_lowrank(x.double(), W.double(), b.double(), U.double(), S.double(), V.double(), tasks[:, None],
+                           weights[:, None].double(), tb.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_lowrank_linear_one_dim_tasks_default_weights():
     gen = torch.Generator().manual_seed(3)
     x, W = torch.randn(5, 8, generator=gen), torch.randn(6, 8, generator=gen)
