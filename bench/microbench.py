@@ -363,6 +363,11 @@ def _fmt(r):
     return f"{r['median_ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}] ×{r['ratio_to_floor']:.2f}"
 
 
+def _case(r) -> tuple:
+    """What identifies a benchmark case: every row of one case shares it, one row per provider."""
+    return r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"]
+
+
 def markdown(result: dict) -> str:
     env = result["env"]
     lines = [f"# Microbenchmarks — {env['device']}", "",
@@ -373,8 +378,7 @@ def markdown(result: dict) -> str:
              "the GEMM x·Vcatᵀ alone). Every provider was checked against the reference before timing.", ""]
     groups: dict = {}
     for r in result["results"]:
-        key = (r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"])
-        groups.setdefault(key, {})[r["provider"]] = r
+        groups.setdefault(_case(r), {})[r["provider"]] = r
     provs = [p for p in LOWRANK_PROVIDERS if any(p in g for g in groups.values())]
     lines.append("| op | model | layer | batch | T | top | mix | dtype | " + " | ".join(provs) + " |")
     lines.append("|" + "---|" * (8 + len(provs)))
@@ -400,17 +404,13 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    floors = {}
-    for r in result["results"]:
-        if r["provider"] == "floor" and r["status"] == "ok":
-            floors[(r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"])] = r
+    floors = {_case(r): r for r in result["results"] if r["provider"] == "floor" and r["status"] == "ok"}
     points: dict = {}
     for r in result["results"]:
-        key = (r["op"], r["model"], r["layer"], r["batch"], r["n_tasks"], r["topk"], r["mix"], r["dtype"])
-        if r["provider"] == "floor" or r["status"] != "ok" or key not in floors:
+        if r["provider"] == "floor" or r["status"] != "ok" or _case(r) not in floors:
             continue
         points.setdefault(_panel(r), {}).setdefault(r["provider"], []).append(
-            (floors[key]["median_ms"], r["ratio_to_floor"]))
+            (floors[_case(r)]["median_ms"], r["ratio_to_floor"]))
     if not points:
         return
     panels = sorted(points)
