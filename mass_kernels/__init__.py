@@ -46,6 +46,9 @@ def routing_residuals(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Residual norms ``‖x − Vtᵀ Vt x‖₂`` (fp32) of x (N, D) against basis (T, k, D) → (N, T).
 
     Stacked blocks: x (G, N, D) with basis (G, T, k, D) → (G, N, T), one launch.
+    Error bound (``mass_kernels.reference.routing_error_bound``): the CPU path forms the residual
+    vector, |error| = O(u·√k·‖x‖); the Triton path uses ``sqrt(‖x‖² − ‖Vt x‖²)``, |error| =
+    O(√u·‖x‖) near the subspace (u = 2⁻²⁴, fp32 accumulation in both).
     """
     if select_impl(x) == "triton":
         from .routing import routing_residuals_triton

@@ -242,6 +242,19 @@ _lowrank_linear_tuned = triton.autotune(
 )(_lowrank_linear_kernel)
 
 
+def kernel_roundoff(dtype: torch.dtype) -> dict:
+    """The rounding model of these kernels for ``mass_kernels.reference.lowrank_error_bound``: fp32
+    accumulation taken as 2⁻²³ (tensor cores may truncate), TF32 operands when fp32 matmul precision is
+    not "highest", and for 16-bit inputs h rounded to the operand dtype before the expand MMA and y
+    rounded to x's dtype, each taken as 2u (one ulp): the Triton interpreter converts fp32 to bf16 by
+    truncation, not round-to-nearest."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    u16 = torch.finfo(dtype).eps if low else 0.0
+    tf32 = dtype == torch.float32 and dot_precision(dtype) == "tf32"
+    return {"unit_roundoff": 2.0 ** -23, "input_roundoff": 2.0 ** -11 if tf32 else 0.0,
+            "h_roundoff": u16, "out_roundoff": u16}
+
+
 def n_bucket(n: int) -> int:
     """Autotune bucket of a row count: next power of two, 16…8192 (always a multiple of 16)."""
     return min(8192, max(16, next_pow2(n)))
@@ -329,4 +342,4 @@ def lowrank_linear_triton(
     return y
 
 
-__all__ = ["lowrank_linear_triton", "n_bucket"]
+__all__ = ["lowrank_linear_triton", "n_bucket", "kernel_roundoff"]

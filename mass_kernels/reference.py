@@ -2,6 +2,8 @@
 
 They are the oracle for the Triton kernels' tests and the CPU path. Both compute in fp32 and return
 the documented dtype, so a test compares a kernel against the mathematically intended result.
+``routing_residuals_exact`` (fp64) and ``routing_error_bound`` are the routing oracle and the error
+bounds every routing test tolerance comes from.
 """
 from __future__ import annotations
 
@@ -11,19 +13,119 @@ import torch
 import torch.nn.functional as F
 
 
+_DIRECT_CHUNK = 1 << 22  # elements of the (T, rows, D) residual block materialised at once
+
+
 def routing_residuals_torch(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``‖x − Vtᵀ Vt x‖₂`` for every row of ``x`` and every task ``t``, in fp32.
+    """``‖x − Vtᵀ (Vt x)‖₂`` for every row of ``x`` and every task ``t``, in fp32 (the CPU path).
 
     x: (N, D) or stacked (G, N, D); basis: (T, k, D) or stacked (G, T, k, D), rows orthonormal.
-    Returns (N, T) or (G, N, T) fp32, computed as ``sqrt(max(‖x‖² − ‖Vt x‖², 0))``.
+    Returns (N, T) or (G, N, T) fp32. The residual vector is formed explicitly (one more GEMM than
+    ``sqrt(‖x‖² − ‖Vt x‖²)``, whose cancellation loses half the digits when x lies near the subspace),
+    so the absolute error is O(u·√k·‖x‖), not O(√u·‖x‖): see :func:`routing_error_bound` ("direct").
+    Routing reads one token per image, so the extra GEMM is cheap.
     """
     xf = x.float()
     bf = basis.float()
     *lead, T, k, D = bf.shape
-    coords = xf @ bf.reshape(*lead, T * k, D).transpose(-1, -2)  # (..., N, T*k)
-    explained = coords.reshape(*coords.shape[:-1], T, k).square().sum(-1)  # (..., N, T)
-    total = xf.square().sum(-1, keepdim=True)  # (..., N, 1)
-    return (total - explained).clamp_min_(0.0).sqrt_()
+    N = xf.shape[-2]
+    out = torch.empty(*lead, N, T, dtype=torch.float32, device=x.device)
+    step = max(1, _DIRECT_CHUNK // max(1, T * D))
+    for start in range(0, N, step):
+        xs = xf[..., start:start + step, :].unsqueeze(-3)  # (..., 1, n, D)
+        coords = xs @ bf.transpose(-1, -2)  # (..., T, n, k)
+        resid = xs - coords @ bf  # (..., T, n, D)
+        out[..., start:start + step, :] = torch.linalg.vector_norm(resid, dim=-1).transpose(-1, -2)
+    return out
+
+
+def routing_residuals_exact(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Test oracle: ``‖x − Vtᵀ (Vt x)‖₂`` in fp64, one task at a time, from the given (rounded) values."""
+    xd, bd = x.double(), basis.double()
+    cols = [(xd - (xd @ bd[..., t, :, :].transpose(-1, -2)) @ bd[..., t, :, :]).norm(dim=-1)
+            for t in range(bd.shape[-3])]
+    return torch.stack(cols, -1) if cols else xd.new_zeros(*xd.shape[:-1], 0)
+
+
+def _gamma(n: int, u: float) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): the relative error bound of an n-term fp sum or dot product."""
+    return n * u / (1.0 - n * u)
+
+
+def routing_error_bound(x: torch.Tensor, basis: torch.Tensor, method: str, unit_roundoff: float = 2.0 ** -24,
+                        input_roundoff: float = 0.0) -> torch.Tensor:
+    """Worst-case bound on ``|computed − routing_residuals_exact(x, basis)|`` per (row, task), fp64.
+
+    ``unit_roundoff`` u is the accumulation precision (fp32: 2⁻²⁴; pass 2⁻²³ for tensor cores that
+    truncate), ``input_roundoff`` the rounding of dot operands before multiplying (0 when products are
+    exact in fp32, as for fp16/bf16 operands or an fp32 FMA; 2⁻¹¹ for TF32). With ω_t = ‖Vt Vtᵀ − I‖₂
+    (the basis' loss of orthonormality, e.g. after rounding to bf16), s = 1 + ω, and e = γ_{D+2}
+    + 2u_in + u_in² the relative error of one dot product (Higham, *Accuracy and Stability*, §3.1):
+
+    * ``"fused"`` (Triton: ``sqrt(max(‖x‖² − ‖ĉ‖², 0))``, ĉ = Vt x): the computed r² is off by at most
+      δ = ‖x‖²·[ω·s + γ_{D+2} + e√k·s·(2 + e√k) + γ_{k+2}·s·(1 + e√k)² + u(1 + 2s)], hence
+      ``|r̂ − r| ≤ min(√δ, δ/r) + 2u·r̂`` — an absolute error of order √u·‖x‖ when r → 0.
+    * ``"direct"`` (CPU: ``‖x − Vtᵀ ĉ‖``): ``|r̂ − r| ≤ E + γ_{D+2}(r + E)`` with
+      E = ‖x‖·[e√k·s + γ_{k+2}√(k·s)·(√s + e√(k·s)) + u(1 + s)] — of order u·√k·‖x‖.
+    """
+    if method not in ("fused", "direct"):
+        raise ValueError(f"method must be 'fused' or 'direct', got {method!r}")
+    xd, bd = x.double(), basis.double()
+    D, k = bd.shape[-1], bd.shape[-2]
+    u, ui = float(unit_roundoff), float(input_roundoff)
+    eye = torch.eye(k, dtype=torch.float64, device=bd.device)
+    omega = torch.linalg.matrix_norm(bd @ bd.transpose(-1, -2) - eye, ord=2) if k else bd.new_zeros(bd.shape[:-2])
+    s = (1.0 + omega).unsqueeze(-2)  # (..., 1, T)
+    e = _gamma(D + 2, u) + 2 * ui + ui * ui
+    ek = e * k ** 0.5
+    xn = xd.norm(dim=-1, keepdim=True)  # (..., N, 1)
+    r = routing_residuals_exact(x, basis)
+    if method == "fused":
+        delta = xn ** 2 * (omega.unsqueeze(-2) * s + _gamma(D + 2, u) + ek * s * (2 + ek)
+                           + _gamma(k + 2, u) * s * (1 + ek) ** 2 + u * (1 + 2 * s))
+        bound = torch.minimum(delta.sqrt(), delta / r.clamp_min(1e-300))
+        return bound + 2 * u * (r + bound)
+    big_e = xn * (ek * s + _gamma(k + 2, u) * (k * s).sqrt() * (s.sqrt() + e * (k * s).sqrt()) + u * (1 + s))
+    return big_e + _gamma(D + 2, u) * (r + big_e)
+
+
+def lowrank_linear_exact(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:
+    """Test oracle of ``lowrank_linear`` in fp64: every row gathers its own factors (memory ∝ N·k·(in+out),
+    test sizes only); ids outside [0, T) mean no task block. Independent of the grouping the fast paths use."""
+    d = torch.float64
+    x, weight, U, S, V = (t.to(d) for t in (x, weight, U, S, V))
+    tasks = row_tasks.reshape(x.shape[0], -1).long()
+    weights = torch.ones(tasks.shape, dtype=d) if row_weights is None else row_weights.reshape(tasks.shape).to(d)
+    y = x @ weight.T + (0.0 if bias is None else bias.to(d))
+    for j in range(tasks.shape[1]):
+        valid = (tasks[:, j] >= 0) & (tasks[:, j] < U.shape[0])
+        t = torch.where(valid, tasks[:, j], 0)
+        h = torch.einsum("ni,nki->nk", x, V[t]) * S[t]
+        delta = torch.einsum("nk,nok->no", h, U[t]) + (0.0 if task_bias is None else task_bias.to(d)[t])
+        y = y + torch.where(valid[:, None], weights[:, j, None] * delta, 0.0)
+    return y
+
+
+def lowrank_error_bound(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None, *,
+                        unit_roundoff: float = 2.0 ** -24, input_roundoff: float = 0.0, h_roundoff: float = 0.0,
+                        out_roundoff: float = 0.0) -> torch.Tensor:
+    """Worst-case bound on ``|computed − lowrank_linear_exact(...)|`` per output element, fp64.
+
+    Standard componentwise bounds (Higham §3.1): with n = in + k + 2K + 4 operations on the longest path
+    to one output and γ_n = n·u/(1 − n·u), every fp32-accumulated evaluation order satisfies
+    ``|ŷ − y| ≤ (γ_n + 2u_in)·M + u_h·M_lr + u_out·(|y| + γ_n·M)``, where M is the same expression
+    evaluated on absolute values (|x||W|ᵀ + |b| + Σ|w|((|x||V|ᵀ ⊙ |S|)|U|ᵀ + |tb|)), M_lr its low-rank
+    part, u_in the rounding of dot operands (TF32: 2⁻¹¹), u_h the rounding of h to the operand dtype
+    before the expand (16-bit kernels) and u_out the final rounding to x's dtype.
+    """
+    a = lambda t: None if t is None else t.to(torch.float64).abs()  # noqa: E731
+    M = lowrank_linear_exact(a(x), a(weight), a(bias), a(U), a(S), a(V), row_tasks, a(row_weights), a(task_bias))
+    M_lr = lowrank_linear_exact(a(x), torch.zeros_like(a(weight)), None, a(U), a(S), a(V), row_tasks,
+                                a(row_weights), None)
+    y = lowrank_linear_exact(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias).abs()
+    K = row_tasks.reshape(x.shape[0], -1).shape[1]
+    g = _gamma(x.shape[1] + S.shape[1] + 2 * K + 4, unit_roundoff)
+    return (g + 2 * input_roundoff) * M + h_roundoff * M_lr + out_roundoff * (y + g * M)
 
 
 def lowrank_linear_torch(

@@ -13,6 +13,13 @@ few row tiles), and (c) the result is deterministic with no atomics: each output
 by exactly one program. The cost is the x tile being re-read once per task (from L2 in practice) and
 up to 2x padding waste for k just above a power of two (k = 33 → 64); k = in/T in MASS is typically
 38…128. ‖x‖² is recomputed per task program — elementwise work on data already loaded.
+
+Accuracy: the epilogue takes ``sqrt(max(‖x‖² − ‖Vt x‖², 0))`` (fused, no second pass over D). Its
+absolute error is of order √u·‖x‖ when x lies near task t's subspace (cancellation), plus the basis'
+loss of orthonormality ω (rounding a basis to bf16 gives ω ≈ 1e-2): the bound is
+``mass_kernels.reference.routing_error_bound(x, basis, "fused", **kernel_roundoff(dtype))``. Routing
+compares residuals across tasks, and a decision flips only where two residuals are closer than that
+bound. The CPU path forms the residual vector instead (error of order u·√k·‖x‖).
 """
 from __future__ import annotations
 
@@ -64,6 +71,14 @@ def _routing_residuals_kernel(
     tl.store(out_ptr + g * stride_og + rows.to(tl.int64) * stride_on + t * stride_ot, res, mask=row_mask)
 
 
+def kernel_roundoff(dtype: torch.dtype) -> dict:
+    """The rounding model of this kernel for ``routing_error_bound``: fp32 accumulation, taken as 2⁻²³
+    (tensor cores may truncate rather than round); 16-bit products are exact in fp32; fp32 operands go
+    through TF32 (2⁻¹¹) when ``torch.get_float32_matmul_precision()`` is not "highest"."""
+    tf32 = dtype == torch.float32 and dot_precision(dtype) == "tf32"
+    return {"unit_roundoff": 2.0 ** -23, "input_roundoff": 2.0 ** -11 if tf32 else 0.0}
+
+
 def _block_sizes(n: int, d: int, k_pad: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps, num_stages): fixed heuristic, no autotune (one cheap GEMM).
 
@@ -107,4 +122,4 @@ def routing_residuals_triton(x: torch.Tensor, basis: torch.Tensor) -> torch.Tens
     return out if stacked else out[0]
 
 
-__all__ = ["routing_residuals_triton"]
+__all__ = ["routing_residuals_triton", "kernel_roundoff"]
