@@ -16,34 +16,67 @@ import torch.nn.functional as F
 _DIRECT_CHUNK = 1 << 22  # elements of the (T, rows, D) residual block materialised at once
 
 
-def routing_residuals_torch(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``‖x − Vtᵀ (Vt x)‖₂`` for every row of ``x`` and every task ``t``, in fp32 (the CPU path).
+def unit_row_tolerance(dtype: torch.dtype) -> float:
+    """Rows of a routing basis whose squared norm is within this of 1 count as unit rows: a unit vector
+    rounded entrywise to ``dtype`` has |‖b‖² − 1| ≤ 2u + u² (u = eps/2), and an fp32 SVD's rows are unit to
+    about 1e-6; 2⁻¹² also covers that, and a weight that close to 1 changes a residual² by ≤ 2⁻¹²·(v·x)²."""
+    return max(2.0 * torch.finfo(dtype).eps, 2.0 ** -12)
 
-    x: (N, D) or stacked (G, N, D); basis: (T, k, D) or stacked (G, T, k, D), rows orthonormal.
-    Returns (N, T) or (G, N, T) fp32. The residual vector is formed explicitly (one more GEMM than
-    ``sqrt(‖x‖² − ‖Vt x‖²)``, whose cancellation loses half the digits when x lies near the subspace),
-    so the absolute error is O(u·√k·‖x‖), not O(√u·‖x‖): see :func:`routing_error_bound` ("direct").
-    Routing reads one token per image, so the extra GEMM is cheap.
+
+def row_weights_of(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(directions, weights) of a routing basis whose rows are ``√w_i · v_i`` (v_i orthonormal, 0 ≤ w_i ≤ 1;
+    ``norm="sv"`` scales them so, the plain router has w = 1): w_i = ‖b_i‖² in fp64, snapped to 1 within
+    :func:`unit_row_tolerance` (such rows are used as stored), other rows divided by their norm (zero rows
+    stay zero). Directions in the basis' dtype promoted to at least fp32, weights fp64."""
+    w = basis.double().square().sum(-1)
+    unit = (w - 1.0).abs() <= unit_row_tolerance(basis.dtype)
+    w = torch.where(unit, torch.ones_like(w), w)
+    dirs = basis.to(torch.promote_types(basis.dtype, torch.float32))
+    scale = torch.where(unit | (w == 0), torch.ones_like(w), w.rsqrt()).to(dirs.dtype)
+    return dirs * scale.unsqueeze(-1), w
+
+
+def routing_residuals_torch(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Routing residuals ``r_t(x) = sqrt(‖x‖² − ‖B_t x‖²)`` for every row of ``x`` and task t, in fp32 (CPU path).
+
+    x: (N, D) or stacked (G, N, D); basis: (T, k, D) or stacked (G, T, k, D) with rows ``√w_i · v_i``
+    (v_i orthonormal, w_i ≤ 1: the plain router's V with w = 1, or ``norm="sv"``'s scaled rows). Returns
+    (N, T) or (G, N, T) fp32, computed without cancellation as ``r² = ‖x − Σ v_i (v_i·x)‖² + Σ (1 − w_i)(v_i·x)²``
+    (:func:`row_weights_of`): the residual vector is formed explicitly (one more GEMM than
+    ``‖x‖² − ‖Bx‖²``, whose cancellation loses half the digits when x lies near the subspace), so the
+    absolute error is O(u·√k·‖x‖), not O(√u·‖x‖): see :func:`routing_error_bound` ("direct"). Routing reads
+    one token per image, so the extra GEMM is cheap.
     """
+    dirs, w = row_weights_of(basis)
+    dirs, rest = dirs.float(), (1.0 - w).float().unsqueeze(-2)  # (..., T, 1, k)
     xf = x.float()
-    bf = basis.float()
-    *lead, T, k, D = bf.shape
+    *lead, T, k, D = dirs.shape
     N = xf.shape[-2]
     out = torch.empty(*lead, N, T, dtype=torch.float32, device=x.device)
     step = max(1, _DIRECT_CHUNK // max(1, T * D))
     for start in range(0, N, step):
         xs = xf[..., start:start + step, :].unsqueeze(-3)  # (..., 1, n, D)
-        coords = xs @ bf.transpose(-1, -2)  # (..., T, n, k)
-        resid = xs - coords @ bf  # (..., T, n, D)
-        out[..., start:start + step, :] = torch.linalg.vector_norm(resid, dim=-1).transpose(-1, -2)
+        coords = xs @ dirs.transpose(-1, -2)  # (..., T, n, k)
+        resid = torch.linalg.vector_norm(xs - coords @ dirs, dim=-1)  # (..., T, n)
+        r2 = resid.square().add_((coords.square() * rest).sum(-1))
+        out[..., start:start + step, :] = r2.clamp_min_(0.0).sqrt_().transpose(-1, -2)
     return out
 
 
 def routing_residuals_exact(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Test oracle: ``‖x − Vtᵀ (Vt x)‖₂`` in fp64, one task at a time, from the given (rounded) values."""
-    xd, bd = x.double(), basis.double()
-    cols = [(xd - (xd @ bd[..., t, :, :].transpose(-1, -2)) @ bd[..., t, :, :]).norm(dim=-1)
-            for t in range(bd.shape[-3])]
+    """Test oracle of :func:`routing_residuals_torch`'s definition in fp64, one task at a time, from the given
+    (rounded) values: ``sqrt(‖x − Σ v_i (v_i·x)‖² + Σ (1 − w_i)(v_i·x)²)``."""
+    xd = x.double()
+    w = basis.double().square().sum(-1)
+    unit = (w - 1.0).abs() <= unit_row_tolerance(basis.dtype)
+    w = torch.where(unit, 1.0, w)
+    dirs = basis.double() / torch.where(unit | (w == 0), 1.0, w.sqrt()).unsqueeze(-1)
+    cols = []
+    for t in range(basis.shape[-3]):
+        v = dirs[..., t, :, :]
+        c = xd @ v.transpose(-1, -2)
+        r2 = (xd - c @ v).square().sum(-1) + (c.square() * (1.0 - w[..., t, :]).unsqueeze(-2)).sum(-1)
+        cols.append(r2.clamp_min(0.0).sqrt())
     return torch.stack(cols, -1) if cols else xd.new_zeros(*xd.shape[:-1], 0)
 
 
@@ -58,15 +91,17 @@ def routing_error_bound(x: torch.Tensor, basis: torch.Tensor, method: str, unit_
 
     ``unit_roundoff`` u is the accumulation precision (fp32: 2⁻²⁴; pass 2⁻²³ for tensor cores that
     truncate), ``input_roundoff`` the rounding of dot operands before multiplying (0 when products are
-    exact in fp32, as for fp16/bf16 operands or an fp32 FMA; 2⁻¹¹ for TF32). With ω_t = ‖Vt Vtᵀ − I‖₂
-    (the basis' loss of orthonormality, e.g. after rounding to bf16), s = 1 + ω, and e = γ_{D+2}
-    + 2u_in + u_in² the relative error of one dot product (Higham, *Accuracy and Stability*, §3.1):
+    exact in fp32, as for fp16/bf16 operands or an fp32 FMA; 2⁻¹¹ for TF32). With ω_t = ‖V̂t V̂tᵀ − I‖₂
+    for the basis' row directions (its loss of orthonormality, e.g. after rounding to bf16), τ the
+    :func:`unit_row_tolerance`, s = 1 + ω, and e = γ_{D+2} + 2u_in + u_in² the relative error of one dot
+    product (Higham, *Accuracy and Stability*, §3.1):
 
-    * ``"fused"`` (Triton: ``sqrt(max(‖x‖² − ‖ĉ‖², 0))``, ĉ = Vt x): the computed r² is off by at most
-      δ = ‖x‖²·[ω·s + γ_{D+2} + e√k·s·(2 + e√k) + γ_{k+2}·s·(1 + e√k)² + u(1 + 2s)], hence
+    * ``"fused"`` (Triton: ``sqrt(max(‖x‖² − ‖ĉ‖², 0))``, ĉ = B x): the computed r² is off by at most
+      δ = ‖x‖²·[(ω + τ)·s + γ_{D+2} + e√k·s·(2 + e√k) + γ_{k+2}·s·(1 + e√k)² + u(1 + 2s)], hence
       ``|r̂ − r| ≤ min(√δ, δ/r) + 2u·r̂`` — an absolute error of order √u·‖x‖ when r → 0.
-    * ``"direct"`` (CPU: ``‖x − Vtᵀ ĉ‖``): ``|r̂ − r| ≤ E + γ_{D+2}(r + E)`` with
-      E = ‖x‖·[e√k·s + γ_{k+2}√(k·s)·(√s + e√(k·s)) + u(1 + s)] — of order u·√k·‖x‖.
+    * ``"direct"`` (CPU, :func:`routing_residuals_torch`): ``|r̂ − r| ≤ E + γ_{D+2}(r + E)`` with
+      E = ‖x‖·[e√k·s + γ_{k+2}√(k·s)·(√s + e√(k·s)) + u(1 + s) + 3u√k·s + (γ_{k+4} + 2e√k)·s] (the last two
+      terms: directions normalised in fp32, and the Σ(1 − w)(v·x)² term) — of order u·√k·‖x‖.
     """
     if method not in ("fused", "direct"):
         raise ValueError(f"method must be 'fused' or 'direct', got {method!r}")
@@ -74,18 +109,22 @@ def routing_error_bound(x: torch.Tensor, basis: torch.Tensor, method: str, unit_
     D, k = bd.shape[-1], bd.shape[-2]
     u, ui = float(unit_roundoff), float(input_roundoff)
     eye = torch.eye(k, dtype=torch.float64, device=bd.device)
-    omega = torch.linalg.matrix_norm(bd @ bd.transpose(-1, -2) - eye, ord=2) if k else bd.new_zeros(bd.shape[:-2])
+    w = bd.square().sum(-1, keepdim=True)
+    dirs = bd / torch.where(w > 0, w.sqrt(), 1.0)
+    omega = torch.linalg.matrix_norm(dirs @ dirs.transpose(-1, -2) - eye, ord=2) if k else bd.new_zeros(bd.shape[:-2])
+    tau = unit_row_tolerance(basis.dtype)
     s = (1.0 + omega).unsqueeze(-2)  # (..., 1, T)
     e = _gamma(D + 2, u) + 2 * ui + ui * ui
     ek = e * k ** 0.5
     xn = xd.norm(dim=-1, keepdim=True)  # (..., N, 1)
     r = routing_residuals_exact(x, basis)
     if method == "fused":
-        delta = xn ** 2 * (omega.unsqueeze(-2) * s + _gamma(D + 2, u) + ek * s * (2 + ek)
+        delta = xn ** 2 * ((omega.unsqueeze(-2) + tau) * s + _gamma(D + 2, u) + ek * s * (2 + ek)
                            + _gamma(k + 2, u) * s * (1 + ek) ** 2 + u * (1 + 2 * s))
         bound = torch.minimum(delta.sqrt(), delta / r.clamp_min(1e-300))
         return bound + 2 * u * (r + bound)
-    big_e = xn * (ek * s + _gamma(k + 2, u) * (k * s).sqrt() * (s.sqrt() + e * (k * s).sqrt()) + u * (1 + s))
+    big_e = xn * (ek * s + _gamma(k + 2, u) * (k * s).sqrt() * (s.sqrt() + e * (k * s).sqrt()) + u * (1 + s)
+                  + 3 * u * k ** 0.5 * s + (_gamma(k + 4, u) + 2 * ek) * s)
     return big_e + _gamma(D + 2, u) * (r + big_e)
 
 

@@ -49,6 +49,28 @@ def test_routing_residuals_matches_projection(N, D, T, k, near):
     assert bool(((got.double() - want).abs() <= bound).all()), float(((got.double() - want).abs() / bound).max())
 
 
+def test_routing_residuals_with_scaled_rows_are_the_projection_energy():
+    """Rows √w_i·v_i (the router's norm="sv"): r² = ‖x‖² − ‖Bx‖² (checked in fp64), computed without the
+    cancellation; rows within the unit tolerance of norm 1 count as unit rows."""
+    from mass_kernels.reference import routing_error_bound, routing_residuals_exact, unit_row_tolerance
+
+    gen = torch.Generator().manual_seed(8)
+    V = _orthonormal_basis(2, 6, 30, gen)
+    w = torch.rand(2, 6, generator=gen).double()
+    w[:, 0] = 1.0
+    B = (V.double() * w.sqrt().unsqueeze(-1)).float()
+    x = torch.randn(5, 6, generator=gen) @ V[1] + 1e-3 * torch.randn(5, 30, generator=gen)  # near task 1
+    got = mass_kernels.routing_residuals(x, B)
+    xd, Bd = x.double(), B.double()
+    energy = torch.stack([(xd.square().sum(1) - (xd @ Bd[t].T).square().sum(1)).sqrt() for t in range(2)], 1)
+    exact = routing_residuals_exact(x, B)
+    # the exact definition differs from the energy only by rows snapped to unit norm (≤ τ·‖x‖²) and the fp32
+    # basis' loss of orthonormality (≤ 1e-6·‖x‖², far above its real size) — both on r², through √
+    slack = ((unit_row_tolerance(torch.float32) + 1e-6) * xd.square().sum(1, keepdim=True)).sqrt()
+    assert bool(((exact - energy).abs() <= slack).all())
+    assert bool(((got.double() - exact).abs() <= routing_error_bound(x, B, "direct")).all())
+
+
 def test_routing_error_bounds_are_attained_in_order_of_magnitude():
     """The two formulas' bounds: the fused one must allow √u·‖x‖ near the subspace (what the subtraction
     loses, seen on AMD CPUs), the direct one must stay at u·√k·‖x‖ there."""
