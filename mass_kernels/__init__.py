@@ -11,6 +11,7 @@ import os
 import torch
 
 from ._checks import check_lowrank_args, check_routing_args
+from .padding import pad_rank
 from .reference import lowrank_linear_grouped_torch, lowrank_linear_torch, routing_residuals_torch
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "lowrank_linear_torch",
     "select_impl",
     "warmup",
+    "pad_rank",
 ]
 
 _IMPLS = ("torch", "triton")

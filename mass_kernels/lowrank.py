@@ -34,6 +34,9 @@ fp32 accumulation, as punica/S-LoRA do); fp32 inputs follow ``torch.get_float32_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -65,7 +68,7 @@ def _group_tile_lookup(pid, offs_ptr, n_groups, BLOCK_M: tl.constexpr, G_POW2: t
 def _lowrank_shrink_kernel(
     x_ptr, v_ptr, s_ptr, rw_ptr, h_ptr, eperm_ptr, eoffs_ptr,
     d_in, rank, n_tasks, n_bucket,
-    stride_xn, stride_xk, stride_vt, stride_vr, stride_vk, stride_st, stride_sr,
+    stride_xn, stride_vt, stride_vr, stride_st,
     K_SLOTS: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, G_POW2: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -88,16 +91,16 @@ def _lowrank_shrink_kernel(
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < d_in
-        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
+        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :],
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        vt = tl.load(v_ptr + t64 * stride_vt + ranks[:, None] * stride_vr + ks[None, :] * stride_vk,
+        vt = tl.load(v_ptr + t64 * stride_vt + ranks[:, None] * stride_vr + ks[None, :],
                      mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:  # interpreter-only bf16 workaround (see _triton_utils.needs_bf16_upcast)
             xt = xt.to(tl.float32)
             vt = vt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(vt), acc, input_precision=PRECISION)
 
-    s = tl.load(s_ptr + t64 * stride_st + ranks * stride_sr, mask=r_mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + t64 * stride_st + ranks, mask=r_mask, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
     if HAS_WEIGHTS:
         w = tl.load(rw_ptr + ent, mask=m_mask, other=0.0)
@@ -106,17 +109,50 @@ def _lowrank_shrink_kernel(
 
 
 @triton.jit
+def _expand_task(acc, h_ptr, u_ptr, rows, j, sel, task, cols, n_mask, rank, stride_ut, stride_un,
+                 K_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_STAGES: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += h[rows, slot j] · U_taskᵀ over the rank, for the rows in ``sel`` (others read h as 0)."""
+    t64 = task.to(tl.int64)
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=RANK_STAGES):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rr < rank
+        ht = tl.load(h_ptr + (rows[:, None] * K_SLOTS + j) * rank + rr[None, :],
+                     mask=sel[:, None] & r_mask[None, :], other=0.0)
+        ut = tl.load(u_ptr + t64 * stride_ut + cols[:, None] * stride_un + rr[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        if UPCAST:
+            ut = ut.to(tl.float32)
+        else:
+            ht = ht.to(ut.dtype)
+        acc = tl.dot(ht, tl.trans(ut), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _add_task_bias(acc, tb_ptr, rw_ptr, rows, j, sel, task, cols, n_mask, stride_tbt,
+                   K_SLOTS: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
+    """acc += w_j · task_bias[task] for the rows in ``sel``."""
+    tb = tl.load(tb_ptr + task.to(tl.int64) * stride_tbt + cols, mask=n_mask, other=0.0)
+    if HAS_WEIGHTS:
+        wj = tl.load(rw_ptr + rows * K_SLOTS + j, mask=sel, other=0.0)
+    else:
+        wj = sel.to(tl.float32)
+    return acc + wj[:, None] * tb.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _lowrank_linear_kernel(
     x_ptr, w_ptr, b_ptr, u_ptr, tb_ptr, h_ptr, rw_ptr, tasks_ptr, perm_ptr, offs_ptr, y_ptr,
     d_in, d_out, rank, n_tasks, n_bucket,
-    stride_xn, stride_xk, stride_wn, stride_wk, stride_ut, stride_un, stride_ur,
-    stride_tbt, stride_tbn, stride_yn, stride_yo,
-    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TASK_BIAS: tl.constexpr,
+    stride_xn, stride_wn, stride_ut, stride_un, stride_tbt, stride_yn,
+    K_SLOTS: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TASK_BIAS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     G_POW2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (row tile, out tile) of y: base GEMM + fused expand + biases, single store."""
+    """One (row tile, out tile) of y: base GEMM (unless HAS_BASE is off: the vendor-GEMM candidate adds it
+    afterwards) + fused expand + biases, single store. Operands are contiguous (unit inner strides)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # Groups are slot-0 task ids 0..T-1 plus T = "no task in slot 0".
@@ -130,50 +166,54 @@ def _lowrank_linear_kernel(
     n_mask = cols < d_out
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < d_in
-        xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
-                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    if HAS_BASE:
+        for k0 in range(0, d_in, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < d_in
+            xt = tl.load(x_ptr + rows[:, None] * stride_xn + ks[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :],
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
 
-    # Fused expand: acc += h_slot · U_tᵀ for each slot and each distinct task among the tile's rows.
-    for j in tl.static_range(K_SLOTS):
+    # Slot 0: a tile never crosses a slot-0 group, so all its rows share task g (g == T: none).
+    if g < n_tasks:
+        acc = _expand_task(acc, h_ptr, u_ptr, rows, 0, m_mask, g, cols, n_mask, rank, stride_ut, stride_un,
+                           K_SLOTS, BLOCK_R, 2, UPCAST, PRECISION)
+        if HAS_TASK_BIAS:
+            acc = _add_task_bias(acc, tb_ptr, rw_ptr, rows, 0, m_mask, g, cols, n_mask, stride_tbt, K_SLOTS,
+                                 HAS_WEIGHTS)
+    # Slots j ≥ 1: slot j is a secondary sort key, so a tile usually holds one task there (fast path); a
+    # tile that holds several loops over them with an unpipelined rank loop (few registers, no spills).
+    for j in tl.static_range(1, K_SLOTS):
         tj = tl.load(tasks_ptr + rows * K_SLOTS + j, mask=m_mask, other=n_tasks)
-        cur = tl.min(tj, axis=0)
-        while cur < n_tasks:
-            sel = m_mask & (tj == cur)
-            cur64 = cur.to(tl.int64)
-            for r0 in range(0, rank, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_mask = rr < rank
-                ht = tl.load(h_ptr + (rows[:, None] * K_SLOTS + j) * rank + rr[None, :],
-                             mask=sel[:, None] & r_mask[None, :], other=0.0)
-                ut = tl.load(u_ptr + cur64 * stride_ut + cols[:, None] * stride_un + rr[None, :] * stride_ur,
-                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-                if UPCAST:
-                    ut = ut.to(tl.float32)
-                else:
-                    ht = ht.to(ut.dtype)
-                acc = tl.dot(ht, tl.trans(ut), acc, input_precision=PRECISION)
+        lo = tl.min(tj, axis=0)
+        hi = tl.max(tl.where(tj < n_tasks, tj, -1), axis=0)
+        if lo == hi:
+            sel = m_mask & (tj == lo)
+            acc = _expand_task(acc, h_ptr, u_ptr, rows, j, sel, lo, cols, n_mask, rank, stride_ut, stride_un,
+                               K_SLOTS, BLOCK_R, 2, UPCAST, PRECISION)
             if HAS_TASK_BIAS:
-                tb = tl.load(tb_ptr + cur64 * stride_tbt + cols * stride_tbn, mask=n_mask, other=0.0)
-                if HAS_WEIGHTS:
-                    wj = tl.load(rw_ptr + rows * K_SLOTS + j, mask=sel, other=0.0)
-                else:
-                    wj = sel.to(tl.float32)
-                acc += wj[:, None] * tb.to(tl.float32)[None, :]
-            cur = tl.min(tl.where(tj > cur, tj, n_tasks), axis=0)
+                acc = _add_task_bias(acc, tb_ptr, rw_ptr, rows, j, sel, lo, cols, n_mask, stride_tbt, K_SLOTS,
+                                     HAS_WEIGHTS)
+        else:
+            cur = lo
+            while cur < n_tasks:
+                sel = m_mask & (tj == cur)
+                acc = _expand_task(acc, h_ptr, u_ptr, rows, j, sel, cur, cols, n_mask, rank, stride_ut,
+                                   stride_un, K_SLOTS, BLOCK_R, 1, UPCAST, PRECISION)
+                if HAS_TASK_BIAS:
+                    acc = _add_task_bias(acc, tb_ptr, rw_ptr, rows, j, sel, cur, cols, n_mask, stride_tbt,
+                                         K_SLOTS, HAS_WEIGHTS)
+                cur = tl.min(tl.where(tj > cur, tj, n_tasks), axis=0)
 
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
         acc += b[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_yo,
+    tl.store(y_ptr + rows[:, None] * stride_yn + cols[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -200,9 +240,22 @@ _LINEAR_CONFIGS = [
 _LINEAR_INTERPRET = _cfg(16, 32, 32, 16, 1, 1)  # small tiles: exercises multi-tile/rank loops
 
 
+# fp32 candidates: the configs that compile without spills on sm_90 and sm_80 (bench/static_gpu_check.py; the
+# others kept 24 B to 6 KB of stack per thread — an fp32-IEEE dot runs on FMAs with its tiles in registers).
+_LINEAR_FP32 = {"tf32": (0, 1, 2, 4, 5), "ieee": (0,)}
+
+
+def _fp32_candidates(configs, allowed, named_args, kwargs):
+    """The configs allowed for fp32 operands at the call's dot precision; all of them for 16-bit operands."""
+    if named_args["x_ptr"].dtype != torch.float32:
+        return list(configs)
+    return [configs[i] for i in allowed[kwargs.get("PRECISION", "ieee")]]
+
+
 def _prune_linear(configs, named_args, **kwargs):
     if interpreting():
         return [_LINEAR_INTERPRET]
+    configs = _fp32_candidates(configs, _LINEAR_FP32, named_args, kwargs)
     nb, d_out, d_in = named_args["n_bucket"], named_args["d_out"], named_args["d_in"]
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, nb)
@@ -221,9 +274,13 @@ _SHRINK_CONFIGS = [
 _SHRINK_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)
 
 
+_SHRINK_FP32 = {"tf32": (0, 1, 2, 4), "ieee": (0, 4)}  # as _LINEAR_FP32
+
+
 def _prune_shrink(configs, named_args, **kwargs):
     if interpreting():
         return [_SHRINK_INTERPRET]
+    configs = _fp32_candidates(configs, _SHRINK_FP32, named_args, kwargs)
     nb, rank = named_args["n_bucket"], named_args["rank"]
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, nb) and c.kwargs["BLOCK_R"] <= max(64, next_pow2(rank))]
@@ -231,28 +288,36 @@ def _prune_shrink(configs, named_args, **kwargs):
 
 
 _lowrank_shrink_tuned = triton.autotune(
-    configs=_SHRINK_CONFIGS, key=["n_bucket", "d_in", "rank"],
+    configs=_SHRINK_CONFIGS, key=["n_bucket", "d_in", "rank", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_shrink},
 )(_lowrank_shrink_kernel)
 
 # y is fully overwritten by each run, so benchmarking re-runs are harmless (no reset hooks needed).
 _lowrank_linear_tuned = triton.autotune(
-    configs=_LINEAR_CONFIGS, key=["n_bucket", "d_out", "d_in", "rank"],
+    configs=_LINEAR_CONFIGS, key=["n_bucket", "d_out", "d_in", "rank", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_linear},
 )(_lowrank_linear_kernel)
 
 
-def kernel_roundoff(dtype: torch.dtype) -> dict:
+def kernel_roundoff(dtype: torch.dtype, impl: str = "fused") -> dict:
     """The rounding model of these kernels for ``mass_kernels.reference.lowrank_error_bound``: fp32
     accumulation taken as 2⁻²³ (tensor cores may truncate), TF32 operands when fp32 matmul precision is
     not "highest", and for 16-bit inputs h rounded to the operand dtype before the expand MMA and y
     rounded to x's dtype, each taken as 2u (one ulp): the Triton interpreter converts fp32 to bf16 by
-    truncation, not round-to-nearest."""
+    truncation, not round-to-nearest. ``impl="vendor"`` also rounds the partial y (biases + expand, ≤ M)
+    once before the GEMM adds to it."""
     low = dtype in (torch.float16, torch.bfloat16)
     u16 = torch.finfo(dtype).eps if low else 0.0
     tf32 = dtype == torch.float32 and dot_precision(dtype) == "tf32"
     return {"unit_roundoff": 2.0 ** -23, "input_roundoff": 2.0 ** -11 if tf32 else 0.0,
-            "h_roundoff": u16, "out_roundoff": u16}
+            "h_roundoff": u16, "out_roundoff": u16, "partial_roundoff": u16 if impl == "vendor" else 0.0}
+
+
+# The expand-only kernel (vendor candidate): no K loop, so BLOCK_K is irrelevant; its own tuner/cache.
+_lowrank_expand_tuned = triton.autotune(
+    configs=_LINEAR_CONFIGS, key=["n_bucket", "d_out", "d_in", "rank", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_linear},
+)(_lowrank_linear_kernel)
 
 
 def n_bucket(n: int) -> int:
@@ -260,42 +325,51 @@ def n_bucket(n: int) -> int:
     return min(8192, max(16, next_pow2(n)))
 
 
-def lowrank_linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    row_tasks: torch.Tensor,
-    row_weights: torch.Tensor | None = None,
-    task_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton path of :func:`mass_kernels.lowrank_linear`; same contract, no host synchronisation."""
-    check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
-    N, d_in = x.shape
-    d_out = weight.shape[0]
-    T, rank = S.shape
-    dev = x.device
-    y = torch.empty((N, d_out), device=dev, dtype=x.dtype)
-    if N == 0 or d_out == 0:
-        return y
+@dataclass
+class LaunchPlan:
+    """Everything the two kernels read, in the layout they are specialised for (contiguous, x's dtype), plus
+    the device-side grouping. Built the same way for a launch and for the static GPU check (meta tensors)."""
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    task_bias: torch.Tensor | None
+    tasks: torch.Tensor  # (N, K) int32, T = no task
+    rw: torch.Tensor | None  # (N, K) fp32 row weights
+    perm: torch.Tensor
+    row_offs: torch.Tensor
+    eperm: torch.Tensor
+    ent_offs: torch.Tensor
+    h: torch.Tensor  # (N*K, rank) fp32 shrink output
+    y: torch.Tensor
 
-    # Operands of one tl.dot must share a dtype: bring weights/factors to x's dtype (no-op normally).
-    weight = weight.to(x.dtype)
-    U, V = U.to(x.dtype), V.to(x.dtype)
+    @property
+    def k_slots(self) -> int:
+        return self.tasks.shape[1]
+
+
+def plan_launch(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> LaunchPlan:
+    """Validated, contiguous operands and the grouping (argsort + searchsorted on the device, no sync).
+
+    Every operand is made contiguous here: the kernels take unit inner strides (a launch with a strided
+    operand would compile a variant that, on sm_90, hit 255 registers and spilled up to 1.1 KB)."""
+    check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+    N, d_out = x.shape[0], weight.shape[0]
+    T, rank = S.shape
+    dev, dt = x.device, x.dtype
+    same = lambda t: None if t is None else t.to(dt).contiguous()  # noqa: E731 - one dtype per tl.dot
+    x, weight, U, V, S = same(x), same(weight), same(U), same(V), S.contiguous()
+    bias, task_bias = (None if t is None else t.contiguous() for t in (bias, task_bias))
     tasks = row_tasks.reshape(N, -1)
+    if tasks.shape[1] == 0:  # (N, 0) row_tasks: no slots at all → one empty slot per row
+        tasks, row_weights = torch.full((N, 1), T, device=dev, dtype=torch.int32), None
     k_slots = tasks.shape[1]
-    if k_slots == 0:  # (N, 0) row_tasks: no slots at all → one empty slot per row
-        tasks = torch.full((N, 1), T, device=dev, dtype=torch.int32)
-        k_slots, row_weights = 1, None
     valid = (tasks >= 0) & (tasks < T)
     tasks = torch.where(valid, tasks, T).to(torch.int32).contiguous()  # T = "no task"
-    rw = None
-    if row_weights is not None:
-        rw = row_weights.reshape(N, k_slots).to(torch.float32).contiguous()
+    rw = None if row_weights is None else row_weights.reshape(N, k_slots).to(torch.float32).contiguous()
 
-    # Device-side grouping (sort + searchsorted, no sync).
     if k_slots == 1:
         key = tasks[:, 0]
     else:  # lexicographic by the task tuple: slot 0 primary, then slot 1, ...
@@ -303,43 +377,76 @@ def lowrank_linear_triton(
         for j in range(k_slots):
             key = key * (T + 1) + tasks[:, j].to(torch.int64)
     perm = torch.argsort(key, stable=True)
-    t0_sorted = tasks[:, 0].index_select(0, perm).contiguous()
     probes = torch.arange(T + 2, device=dev, dtype=torch.int32)
-    row_offs = torch.searchsorted(t0_sorted, probes).to(torch.int32)  # groups 0..T
-
+    row_offs = torch.searchsorted(tasks[:, 0].index_select(0, perm).contiguous(), probes).to(torch.int32)
     flat = tasks.reshape(-1)
     eperm = torch.argsort(flat, stable=True)
     ent_offs = torch.searchsorted(flat.index_select(0, eperm).contiguous(), probes[: T + 1]).to(torch.int32)
-
     h = torch.empty((N * k_slots, max(rank, 1)), device=dev, dtype=torch.float32)
-    upcast = needs_bf16_upcast(x.dtype)
-    precision = dot_precision(x.dtype)
-    nb = n_bucket(N)
-    g_pow2 = max(16, next_pow2(T + 1))  # ≥16: avoid degenerate 1-element aranges/scans on GPU
-    dummy = h  # placeholder pointer for absent optional tensors (never read: constexpr-gated)
-
-    if T > 0 and rank > 0:
-        n_entries = N * k_slots
-        _lowrank_shrink_tuned[lambda m: (triton.cdiv(n_entries, m["BLOCK_M"]) + T, triton.cdiv(rank, m["BLOCK_R"]))](
-            x, V, S, rw if rw is not None else dummy, h, eperm, ent_offs,
-            d_in, rank, T, n_bucket(n_entries),
-            x.stride(0), x.stride(1), *V.stride(), *S.stride(),
-            K_SLOTS=k_slots, HAS_WEIGHTS=rw is not None, G_POW2=max(16, next_pow2(T)),
-            UPCAST=upcast, PRECISION=precision,
-        )
-
-    tb = task_bias
-    _lowrank_linear_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]) + T, triton.cdiv(d_out, m["BLOCK_N"]))](
-        x, weight, bias if bias is not None else dummy, U, tb if tb is not None else dummy, h,
-        rw if rw is not None else dummy, tasks, perm, row_offs, y,
-        d_in, d_out, rank, T, nb,
-        x.stride(0), x.stride(1), *weight.stride(), *U.stride(),
-        tb.stride(0) if tb is not None else 0, tb.stride(1) if tb is not None else 0,
-        *y.stride(),
-        K_SLOTS=k_slots, HAS_BIAS=bias is not None, HAS_TASK_BIAS=tb is not None,
-        HAS_WEIGHTS=rw is not None, G_POW2=g_pow2, UPCAST=upcast, PRECISION=precision,
-    )
-    return y
+    y = torch.empty((N, d_out), device=dev, dtype=dt)
+    return LaunchPlan(x, weight, bias, U, S, V, task_bias, tasks, rw, perm, row_offs, eperm, ent_offs, h, y)
 
 
-__all__ = ["lowrank_linear_triton", "n_bucket", "kernel_roundoff"]
+def shrink_launch(p: LaunchPlan) -> tuple[tuple, dict, Callable]:
+    """(positional args, constexpr kwargs, grid) of the shrink kernel for a plan."""
+    N, d_in = p.x.shape
+    T, rank = p.S.shape
+    n_entries = N * p.k_slots
+    args = (p.x, p.V, p.S, p.h if p.rw is None else p.rw, p.h, p.eperm, p.ent_offs,
+            d_in, rank, T, n_bucket(n_entries), p.x.stride(0), p.V.stride(0), p.V.stride(1), p.S.stride(0))
+    meta = dict(K_SLOTS=p.k_slots, HAS_WEIGHTS=p.rw is not None, G_POW2=max(16, next_pow2(T)),
+                UPCAST=needs_bf16_upcast(p.x.dtype), PRECISION=dot_precision(p.x.dtype))
+    return args, meta, lambda m: (triton.cdiv(n_entries, m["BLOCK_M"]) + T, triton.cdiv(rank, m["BLOCK_R"]))
+
+
+def linear_launch(p: LaunchPlan, has_base: bool = True) -> tuple[tuple, dict, Callable]:
+    """(positional args, constexpr kwargs, grid) of the base-GEMM + expand kernel for a plan; ``has_base``
+    off gives the expand-only kernel of the vendor-GEMM candidate (y = biases + expand, then addmm)."""
+    N, d_in = p.x.shape
+    d_out = p.weight.shape[0]
+    T, rank = p.S.shape
+    dummy = p.h  # placeholder pointer for absent optional tensors (never read: constexpr-gated)
+    tb = p.task_bias
+    args = (p.x, p.weight, dummy if p.bias is None else p.bias, p.U, dummy if tb is None else tb, p.h,
+            dummy if p.rw is None else p.rw, p.tasks, p.perm, p.row_offs, p.y,
+            d_in, d_out, rank, T, n_bucket(N),
+            p.x.stride(0), p.weight.stride(0), p.U.stride(0), p.U.stride(1), 0 if tb is None else tb.stride(0),
+            p.y.stride(0))
+    meta = dict(K_SLOTS=p.k_slots, HAS_BASE=has_base, HAS_BIAS=p.bias is not None, HAS_TASK_BIAS=tb is not None,
+                HAS_WEIGHTS=p.rw is not None, G_POW2=max(16, next_pow2(T + 1)),
+                UPCAST=needs_bf16_upcast(p.x.dtype), PRECISION=dot_precision(p.x.dtype))
+    return args, meta, lambda m: (triton.cdiv(N, m["BLOCK_M"]) + T, triton.cdiv(d_out, m["BLOCK_N"]))
+
+
+def _run_shrink(p: LaunchPlan) -> None:
+    if p.S.shape[0] > 0 and p.S.shape[1] > 0:
+        args, meta, grid = shrink_launch(p)
+        _lowrank_shrink_tuned[grid](*args, **meta)
+
+
+def lowrank_linear_triton(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:
+    """Triton path of :func:`mass_kernels.lowrank_linear` (fused candidate): same contract, no host sync."""
+    p = plan_launch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+    if p.y.numel() == 0:
+        return p.y
+    _run_shrink(p)
+    args, meta, grid = linear_launch(p)
+    _lowrank_linear_tuned[grid](*args, **meta)
+    return p.y
+
+
+def lowrank_linear_vendor(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:
+    """Vendor-GEMM candidate: the shrink, then the expand kernel writes ``y = b + Σ expand + task bias``
+    (no base GEMM), then ``y += x Wᵀ`` by ``addmm`` (cuBLAS on CUDA, beta = 1). y is stored twice (once
+    by each), the price of the vendor GEMM; for 16-bit dtypes y is rounded once more."""
+    p = plan_launch(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+    if p.y.numel() == 0:
+        return p.y
+    _run_shrink(p)
+    args, meta, grid = linear_launch(p, has_base=False)
+    _lowrank_expand_tuned[grid](*args, **meta)
+    return p.y.addmm_(p.x, p.weight.t())
+
+
+__all__ = ["lowrank_linear_triton", "lowrank_linear_vendor", "n_bucket", "kernel_roundoff", "plan_launch",
+           "shrink_launch", "linear_launch"]

@@ -147,15 +147,16 @@ def lowrank_linear_exact(x, weight, bias, U, S, V, row_tasks, row_weights=None, 
 
 def lowrank_error_bound(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None, *,
                         unit_roundoff: float = 2.0 ** -24, input_roundoff: float = 0.0, h_roundoff: float = 0.0,
-                        out_roundoff: float = 0.0) -> torch.Tensor:
+                        out_roundoff: float = 0.0, partial_roundoff: float = 0.0) -> torch.Tensor:
     """Worst-case bound on ``|computed − lowrank_linear_exact(...)|`` per output element, fp64.
 
     Standard componentwise bounds (Higham §3.1): with n = in + k + 2K + 4 operations on the longest path
     to one output and γ_n = n·u/(1 − n·u), every fp32-accumulated evaluation order satisfies
-    ``|ŷ − y| ≤ (γ_n + 2u_in)·M + u_h·M_lr + u_out·(|y| + γ_n·M)``, where M is the same expression
+    ``|ŷ − y| ≤ (γ_n + 2u_in + u_p)·M + u_h·M_lr + u_out·(|y| + γ_n·M)``, where M is the same expression
     evaluated on absolute values (|x||W|ᵀ + |b| + Σ|w|((|x||V|ᵀ ⊙ |S|)|U|ᵀ + |tb|)), M_lr its low-rank
     part, u_in the rounding of dot operands (TF32: 2⁻¹¹), u_h the rounding of h to the operand dtype
-    before the expand (16-bit kernels) and u_out the final rounding to x's dtype.
+    before the expand (16-bit kernels), u_p the rounding of a partial result bounded by M (the vendor
+    candidate stores biases + expand before adding x Wᵀ) and u_out the final rounding to x's dtype.
     """
     a = lambda t: None if t is None else t.to(torch.float64).abs()  # noqa: E731
     M = lowrank_linear_exact(a(x), a(weight), a(bias), a(U), a(S), a(V), row_tasks, a(row_weights), a(task_bias))
@@ -164,7 +165,7 @@ def lowrank_error_bound(x, weight, bias, U, S, V, row_tasks, row_weights=None, t
     y = lowrank_linear_exact(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias).abs()
     K = row_tasks.reshape(x.shape[0], -1).shape[1]
     g = _gamma(x.shape[1] + S.shape[1] + 2 * K + 4, unit_roundoff)
-    return (g + 2 * input_roundoff) * M + h_roundoff * M_lr + out_roundoff * (y + g * M)
+    return (g + 2 * input_roundoff + partial_roundoff) * M + h_roundoff * M_lr + out_roundoff * (y + g * M)
 
 
 def lowrank_linear_torch(
