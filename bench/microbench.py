@@ -10,7 +10,10 @@
 * ``eager_loop``   PEFT-style mixed batch: per task (and slot) a boolean mask, sub-batch, two matmuls, scatter back.
 * ``gather_bmm``   gather each image's factors (B, k, in) / (B, out, k) and run two bmm's (memory ∝ B·k·(in+out)).
 * ``compiled``     ``torch.compile`` of the PyTorch implementation (``lowrank_linear_torch``); failures are reported.
-* ``ours``         ``mass_kernels.lowrank_linear``: PyTorch path on CPU, Triton kernels on CUDA.
+* ``fused``        CUDA: the fused Triton candidate (shrink, then base GEMM + expand in one accumulator, one store).
+* ``vendor``       CUDA: the vendor-GEMM candidate (shrink, expand + biases written into y, then cuBLAS ``addmm``).
+* ``ours``         ``mass_kernels.lowrank_linear``: PyTorch path on CPU; on CUDA the candidate that
+                   ``mass_kernels.warmup`` measured fastest for the shape (warm-up runs before timing).
 
 ``routing_residuals`` (‖x − Vtᵀ Vt x‖ per image and task) providers: ``floor`` (the GEMM x·Vcatᵀ alone),
 ``eager_loop`` (one projection per task), ``compiled``, ``ours``.
@@ -56,7 +59,8 @@ LAYERS = {  # (out, in) as functions of (hidden, mlp)
     "fc2": lambda d, m: (d, m),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOWRANK_PROVIDERS = ("floor", "eager_loop", "gather_bmm", "compiled", "ours")
+LOWRANK_PROVIDERS = ("floor", "eager_loop", "gather_bmm", "compiled", "fused", "vendor", "ours")
+CANDIDATE_PROVIDERS = ("fused", "vendor")  # the Triton candidates: CUDA only
 ROUTING_PROVIDERS = ("floor", "eager_loop", "compiled", "ours")
 
 
@@ -215,6 +219,14 @@ def bench_lowrank(case: LowrankCase, device, args, rows: list):
         if not args.no_compile else None,
         "ours": lambda: mass_kernels.lowrank_linear(x, W, b, U, S, V, rt1, None, tb),
     }
+    if device.type == "cuda":
+        from mass_kernels.candidates import candidate
+
+        for name in CANDIDATE_PROVIDERS:
+            providers[name] = lambda fn=candidate(name): fn(x, W, b, U, S, V, rt1, None, tb)
+        if "ours" in args.providers:  # let the public op pick its candidate by measurement first
+            mass_kernels.warmup(linear_shapes=[(out_f, in_f, case.n_tasks, k)], batch_sizes=[x.shape[0]],
+                                dtypes=[x.dtype], slots=[case.topk], device=device, task_bias=True)
     providers = {n: providers[n] for n in args.providers if n in providers}
     base = dict(op="lowrank_linear", model=case.model, layer=case.layer, out=out_f, inp=in_f, rank=k,
                 batch=case.batch, tokens=tok, rows=case.batch * tok, n_tasks=case.n_tasks, topk=case.topk,
@@ -226,6 +238,9 @@ def bench_lowrank(case: LowrankCase, device, args, rows: list):
                                   "reason": f"gathered factors need {gathered / 2**30:.1f} GiB > cap {args.gather_cap_gib} GiB"}
         if "compiled" in args.providers and args.no_compile:
             info["compiled"] = {"status": "skipped", "reason": "--no-compile", "max_rel_err": None}
+        for name in CANDIDATE_PROVIDERS:
+            if name in args.providers and device.type != "cuda":
+                info[name] = {"status": "skipped", "reason": "Triton candidates run on CUDA", "max_rel_err": None}
         _finish(rows, base, to_time, info, _timing_kwargs(args), device, args.memory)
 
 
@@ -347,7 +362,9 @@ def run_microbench(args) -> dict:
                 for T in args.tasks:
                     for batch in sorted(set(args.batches) | {128}):
                         bench_routing(model, batch, T, dtype, device, args, rows)
+    choices = {" ".join(map(str, key)): value for key, value in mass_kernels.lowrank_choices().items()}
     result = {"kind": "microbench", "env": env, "quick": bool(args.quick), "wall_s": time.perf_counter() - t0,
+              "lowrank_choices": choices,  # shape key (rows bucket, out, in, T, k, K, dtype, b, w, tb) → choice
               "config": {k: v for k, v in vars(args).items() if k != "func"}, "results": rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)

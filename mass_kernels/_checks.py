@@ -23,7 +23,8 @@ def check_routing_args(x: torch.Tensor, basis: torch.Tensor) -> None:
         _fail(op, "x and basis must be floating point")
 
 
-def check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias) -> None:
+def check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias, values: bool = True) -> None:
+    """Shapes, dtypes and devices; with ``values``, also the task ids of CPU tensors (not under tracing)."""
     op = "lowrank_linear"
     if x.dim() != 2:
         _fail(op, f"x must be (N, in), got {tuple(x.shape)}")
@@ -55,7 +56,7 @@ def check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bi
         if t.device != x.device:
             _fail(op, f"all tensors must be on {x.device}; found one on {t.device}")
     # Value check only where it costs no device synchronisation (CPU tensors).
-    if row_tasks.device.type == "cpu" and row_tasks.numel() and (
+    if values and row_tasks.device.type == "cpu" and row_tasks.numel() and (
         bool((row_tasks < -1).any()) or bool((row_tasks >= T).any())
     ):
         _fail(op, f"row_tasks must lie in [-1, {T - 1}] (-1 = no task block)")

@@ -34,3 +34,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def n_bucket(n: int) -> int:
+    """Autotune bucket of a row count: next power of two, 16…8192 (always a multiple of 16)."""
+    return min(8192, max(16, next_pow2(n)))

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_lowrank_args
-from ._triton_utils import dot_precision, interpreting, needs_bf16_upcast, next_pow2
+from ._triton_utils import dot_precision, interpreting, n_bucket, needs_bf16_upcast, next_pow2
 
 
 @triton.jit
@@ -318,11 +318,6 @@ _lowrank_expand_tuned = triton.autotune(
     configs=_LINEAR_CONFIGS, key=["n_bucket", "d_out", "d_in", "rank", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_linear},
 )(_lowrank_linear_kernel)
-
-
-def n_bucket(n: int) -> int:
-    """Autotune bucket of a row count: next power of two, 16…8192 (always a multiple of 16)."""
-    return min(8192, max(16, next_pow2(n)))
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Warm-up helper (exported as ``mass_kernels.warmup``): run the Triton ops once per serving shape so
-autotuning and compilation happen before serving.
+autotuning and compilation happen before serving, and time the ``lowrank_linear`` candidates (fused kernel,
+vendor GEMM) per shape so the faster serves it (:mod:`mass_kernels.candidates`).
 
 First calls are expensive (JIT compile per constexpr variant, plus autotune benchmarking of the
 low-rank linear per (row bucket, out, in, rank, dtypes)). Autotune benchmarking also cannot run
@@ -7,9 +8,11 @@ inside a CUDA-graph capture, so call :func:`warmup` before capturing.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+
+from . import candidates
 
 
 def warmup(
@@ -22,6 +25,7 @@ def warmup(
     bias: bool = True,
     task_bias: bool = False,
     row_weights: bool = False,
+    timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> int:
     """Call the Triton ops on dummy data for every combination given; returns the number of calls.
 
@@ -31,9 +35,18 @@ def warmup(
     slots: K values (tasks per row) used with the linear op. ``bias``/``task_bias``/``row_weights``
     must match how the model calls the op, since they select different compiled variants.
     Tensors are synthetic (random factors, every task present); results are discarded.
+    timer: ``fn → milliseconds`` used to compare the ``lowrank_linear`` candidates (default: the median of
+    ``triton.testing.do_bench``); the fastest per shape is recorded (``mass_kernels.lowrank_choices()``).
+    With ``MASS_LOWRANK_IMPL`` set, only that candidate is warmed and nothing is timed.
     """
-    from .lowrank import lowrank_linear_triton, n_bucket
+    from ._triton_utils import n_bucket
     from .routing import routing_residuals_triton
+
+    if timer is None:
+        import triton.testing
+
+        timer = lambda fn: triton.testing.do_bench(fn, return_mode="median")  # noqa: E731
+    forced = candidates.forced_candidate()
 
     device = torch.device(device)
     batch_sizes = list(batch_sizes)
@@ -58,8 +71,17 @@ def warmup(
                     x = rnd(n, d_in, dtype=dtype)
                     tasks = (torch.arange(n * K, device=device) % max(T, 1)).reshape(n, K)
                     w = torch.full((n, K), 0.5, device=device) if row_weights else None
-                    lowrank_linear_triton(x, W, b, U, S, V, tasks, w, tb)
-                    calls += 1
+                    args = (x, W, b, U, S, V, tasks if K > 1 else tasks[:, 0], w if K > 1 or w is None else w[:, 0], tb)
+                    names = (forced,) if forced else candidates.LOWRANK_CANDIDATES
+                    times = {}
+                    for name in names:
+                        fn = lambda name=name: candidates.candidate(name)(*args)  # noqa: E731
+                        fn()  # compile + autotune before timing
+                        calls += 1
+                        if not forced:
+                            times[name] = float(timer(fn))
+                    if times:
+                        candidates.record(candidates.shape_key(*args[:3], S, args[6], args[7], tb), times)
     for shape in routing_shapes:
         *lead, D, T, k = shape
         for dtype in dtypes:

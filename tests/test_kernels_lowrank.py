@@ -96,6 +96,20 @@ def test_lowrank_matches_reference(case, dtype):
     _check(make_problem(N, d_in, d_out, T, k, K, dtype=dtype, **opts), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["T3_k51_bias_tb", "T20_k1_K2_weights_tb", "T3_k33_K2_nobias"])
+def test_vendor_candidate_matches_reference(case, dtype):
+    """The vendor-GEMM candidate (expand-only kernel, then addmm): its bound has one more rounding of y."""
+    N, d_in, d_out, T, k, K, opts = CASES[case]
+    args = make_problem(N, d_in, d_out, T, k, K, dtype=dtype, **opts)
+    got = lowrank_mod.lowrank_linear_vendor(*args)
+    assert got.dtype == dtype and got.shape == (N, d_out)
+    cpu = [None if a is None else a.cpu() for a in args]
+    bound = lowrank_error_bound(*cpu, **kernel_roundoff(dtype, "vendor"))
+    err = (got.cpu().double() - lowrank_linear_exact(*cpu)).abs()
+    assert bool((err <= bound).all()), f"error {float((err / bound).max()):.3g}x the bound"
+
+
 def test_lowrank_rank_larger_than_tiles_and_many_row_tiles():
     # k = 40 spans several BLOCK_R chunks; N = 70 spans several row tiles per task group.
     _check(make_problem(70, 72, 50, 2, 40, 1, task_bias=True, weights=True, seed=1), torch.float32)
@@ -163,10 +177,14 @@ def test_public_dispatch_reaches_triton(monkeypatch):
     assert_within_bound(got, args)
 
 
-def test_warmup_runs_every_requested_variant():
+def test_warmup_runs_every_requested_variant(monkeypatch):
+    monkeypatch.delenv("MASS_LOWRANK_IMPL", raising=False)
+    timed = []
     n = mass_kernels.warmup(linear_shapes=[(24, 40, 3, 6)], routing_shapes=[(32, 3, 5)], batch_sizes=(1, 20),
-                            dtypes=(torch.float32,), slots=(1, 2), device=DEVICE, task_bias=True)
-    assert n == 2 * 2 + 2  # 2 batch buckets x 2 slot counts for the linear, 2 batch sizes for routing
+                            dtypes=(torch.float32,), slots=(1, 2), device=DEVICE, task_bias=True,
+                            timer=lambda fn: timed.append(fn) or 1.0)
+    # 2 batch buckets x 2 slot counts for the linear, each with both candidates; 2 batch sizes for routing
+    assert n == 2 * 2 * len(mass_kernels.LOWRANK_CANDIDATES) + 2 and len(timed) == 2 * 2 * 2
 
 
 def test_public_ops_stay_callable_after_kernel_imports():

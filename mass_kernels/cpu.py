@@ -1,0 +1,289 @@
+"""The CPU (PyTorch) production paths of the two hot-path ops: the accurate routing residuals, the masked
+``lowrank_linear`` (any K; also the PyTorch fallback on CUDA) and the grouped fast path over row segments that
+``mass.layers`` calls directly. The test oracles and error bounds live apart, in :mod:`mass_kernels.reference`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+_DIRECT_CHUNK = 1 << 22  # elements of the (T, rows, D) residual block materialised at once
+
+
+def unit_row_tolerance(dtype: torch.dtype) -> float:
+    """Rows of a routing basis whose squared norm is within this of 1 count as unit rows: a unit vector
+    rounded entrywise to ``dtype`` has |‖b‖² − 1| ≤ 2u + u² (u = eps/2), and an fp32 SVD's rows are unit to
+    about 1e-6; 2⁻¹² also covers that, and a weight that close to 1 changes a residual² by ≤ 2⁻¹²·(v·x)²."""
+    return max(2.0 * torch.finfo(dtype).eps, 2.0 ** -12)
+
+
+def row_weights_of(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(directions, weights) of a routing basis whose rows are ``√w_i · v_i`` (v_i orthonormal, 0 ≤ w_i ≤ 1;
+    ``norm="sv"`` scales them so, the plain router has w = 1): w_i = ‖b_i‖² in fp64, snapped to 1 within
+    :func:`unit_row_tolerance` (such rows are used as stored), other rows divided by their norm (zero rows
+    stay zero). Directions in the basis' dtype promoted to at least fp32, weights fp64."""
+    w = basis.double().square().sum(-1)
+    unit = (w - 1.0).abs() <= unit_row_tolerance(basis.dtype)
+    w = torch.where(unit, torch.ones_like(w), w)
+    dirs = basis.to(torch.promote_types(basis.dtype, torch.float32))
+    scale = torch.where(unit | (w == 0), torch.ones_like(w), w.rsqrt()).to(dirs.dtype)
+    return dirs * scale.unsqueeze(-1), w
+
+
+def routing_residuals_torch(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Routing residuals ``r_t(x) = sqrt(‖x‖² − ‖B_t x‖²)`` for every row of ``x`` and task t, in fp32 (CPU path).
+
+    x: (N, D) or stacked (G, N, D); basis: (T, k, D) or stacked (G, T, k, D) with rows ``√w_i · v_i``
+    (v_i orthonormal, w_i ≤ 1: the plain router's V with w = 1, or ``norm="sv"``'s scaled rows). Returns
+    (N, T) or (G, N, T) fp32, computed without cancellation as ``r² = ‖x − Σ v_i (v_i·x)‖² + Σ (1 − w_i)(v_i·x)²``
+    (:func:`row_weights_of`): the residual vector is formed explicitly (one more GEMM than
+    ``‖x‖² − ‖Bx‖²``, whose cancellation loses half the digits when x lies near the subspace), so the
+    absolute error is O(u·√k·‖x‖), not O(√u·‖x‖): see :func:`routing_error_bound` ("direct"). Routing reads
+    one token per image, so the extra GEMM is cheap.
+    """
+    dirs, w = row_weights_of(basis)
+    dirs, rest = dirs.float(), (1.0 - w).float().unsqueeze(-2)  # (..., T, 1, k)
+    xf = x.float()
+    *lead, T, k, D = dirs.shape
+    N = xf.shape[-2]
+    out = torch.empty(*lead, N, T, dtype=torch.float32, device=x.device)
+    step = max(1, _DIRECT_CHUNK // max(1, T * D))
+    for start in range(0, N, step):
+        xs = xf[..., start:start + step, :].unsqueeze(-3)  # (..., 1, n, D)
+        coords = xs @ dirs.transpose(-1, -2)  # (..., T, n, k)
+        resid = torch.linalg.vector_norm(xs - coords @ dirs, dim=-1)  # (..., T, n)
+        r2 = resid.square().add_((coords.square() * rest).sum(-1))
+        out[..., start:start + step, :] = r2.clamp_min_(0.0).sqrt_().transpose(-1, -2)
+    return out
+
+
+def lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:
+    """``x Wᵀ + b + Σ_j w_j (((x V_tjᵀ) ⊙ S_tj) U_tjᵀ + task_bias_tj)`` with inputs already validated.
+
+    Rows are grouped by task on the device (one mask per task and slot); there is no loop over rows
+    and no ``.item()``. Accumulates in fp32 and returns ``x.dtype``.
+    """
+    xf = x.float()
+    y = F.linear(xf, weight.float(), None if bias is None else bias.float())
+    if row_tasks.dim() == 1:
+        row_tasks = row_tasks[:, None]
+        row_weights = None if row_weights is None else row_weights[:, None]
+    n_tasks = U.shape[0]
+    Uf, Sf, Vf = U.float(), S.float(), V.float()
+    for slot in range(row_tasks.shape[1]):
+        slot_tasks = row_tasks[:, slot]
+        for t in range(n_tasks):
+            rows = (slot_tasks == t).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            h = (xf.index_select(0, rows) @ Vf[t].T) * Sf[t]
+            delta = h @ Uf[t].T
+            if task_bias is not None:
+                delta = delta + task_bias[t].float()
+            if row_weights is not None:
+                delta = delta * row_weights.index_select(0, rows)[:, slot, None].float()
+            y.index_add_(0, rows, delta)
+    return y.to(x.dtype)
+
+
+def lowrank_linear_grouped_torch(x, weight, bias, U, S, V, row_tasks, row_weights=None,
+                                 task_bias=None) -> torch.Tensor:
+    """CPU path of ``lowrank_linear`` for one task per row: rows are sorted by task (one host sync, free on
+    the CPU), each task's rows run as one segment of :func:`lowrank_linear_segments_torch`, and the output
+    rows are put back in order. Computes in fp32 for other dtypes, like the reference."""
+    tasks = row_tasks.reshape(-1)
+    dtype = x.dtype
+    if dtype != torch.float32:
+        x, weight, U, S, V = (t.float() for t in (x, weight, U, S, V))
+        bias = None if bias is None else bias.float()
+        task_bias = None if task_bias is None else task_bias.float()
+    order, segments = group_rows(tasks[:, None])
+    weights = None if row_weights is None else row_weights.reshape(-1, 1)
+    if order is None:  # already in task order (e.g. a task-homogeneous batch): no row copies
+        return lowrank_linear_segments_torch(x, weight, bias, U, S, V, segments, weights, task_bias).to(dtype)
+    weights = None if weights is None else weights.index_select(0, order)
+    y_sorted = lowrank_linear_segments_torch(x.index_select(0, order), weight, bias, U, S, V, segments, weights,
+                                             task_bias)
+    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).to(dtype)
+
+
+def group_rows(ids: torch.Tensor) -> tuple:
+    """Order rows by their slot-0 id (stable) and list each slot's runs as ``(slot, id, start, stop)`` over
+    the ordered rows (id -1 = none: no segment). One host sync. ``order`` is None when the rows are already in
+    that order (nothing to permute); ``(None, None)`` when an id of a later slot is split over several runs,
+    so its rows are not one slice."""
+    first = ids[:, 0]
+    if bool((first[1:] >= first[:-1]).all()):
+        order, ordered = None, ids
+    else:
+        order = torch.argsort(first, stable=True)
+        ordered = ids.index_select(0, order)
+    segments = []
+    for slot in range(ids.shape[1]):
+        values, counts = torch.unique_consecutive(ordered[:, slot], return_counts=True)
+        values, counts = values.tolist(), counts.tolist()
+        if len(set(values)) != len(values):
+            return None, None
+        start = 0
+        for value, count in zip(values, counts):
+            if value >= 0:
+                segments.append((slot, value, start, start + count))
+            start += count
+    return order, segments
+
+
+def segment_runs(segments, device) -> tuple:
+    """:func:`_segment_runs`, memoised: every layer of a forward asks for the same few groupings."""
+    return _segment_runs(tuple(segments), str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_runs(segments: tuple[tuple[int, int, int, int], ...], device: str) -> tuple:
+    """Merge consecutive ``(slot, task, start, stop)`` row segments of one slot that have the same length and
+    follow each other into runs ``(slot, sel, start, stop, tasks in the run, rows per task)``, each one batched
+    matmul. ``sel`` indexes the banks: a slice (a view, no copy) when the run's tasks are consecutive."""
+    runs: list[list] = []
+    for slot, t, start, stop in segments:
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == slot and last[3] == start and stop - start == last[4]:
+            last[1].append(t)
+            last[3] = stop
+        else:
+            runs.append([slot, [t], start, stop, stop - start])
+    out = []
+    for slot, tasks, start, stop, n in runs:
+        m = len(tasks)
+        consecutive = tasks == list(range(tasks[0], tasks[0] + m))
+        sel = slice(tasks[0], tasks[0] + m) if consecutive else torch.tensor(tasks, device=device)
+        out.append((slot, sel, start, stop, m, n))
+    return tuple(out)
+
+
+def _run_bias(bias, task_bias, sel, m: int):
+    """Bias of each of a run's ``m`` entries, (m, out): the shared bias plus the entry's task bias (None if
+    there is neither)."""
+    if task_bias is None:
+        return None if bias is None else bias.expand(m, -1)
+    return task_bias[sel] if bias is None else task_bias[sel] + bias
+
+
+def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.Tensor, bool]:
+    """``x Wᵀ + b``, with each run's task bias already in it when every run is slot 0 with unit weights: the
+    biases are written first and the GEMM accumulates onto them, one pass over ``y`` fewer. Returns
+    ``(y, task biases included)``."""
+    if task_bias is None or row_weights is not None or any(run[0] != 0 for run in runs):
+        return F.linear(x, weight, bias), False
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+
+    def fill_base(rows: torch.Tensor):
+        if bias is None:
+            rows.zero_()
+        else:
+            rows.copy_(bias.expand_as(rows))
+
+    done = 0
+    for _, sel, start, stop, m, n in runs:
+        if start > done:
+            fill_base(y[done:start])
+        y[start:stop].view(m, n, -1).copy_(_run_bias(bias, task_bias, sel, m).unsqueeze(1).expand(m, n, -1))
+        done = stop
+    if done < y.shape[0]:
+        fill_base(y[done:])
+    return y.addmm_(x, weight.T), True
+
+
+def _add_task_bias(ys: torch.Tensor, task_bias, sel, w) -> None:
+    """Add a run's task biases (times the rows' weights ``w``, if any) to its output rows ``ys`` (m, n, out)."""
+    if task_bias is not None:
+        tb = task_bias[sel].unsqueeze(1)
+        ys.add_(tb if w is None else w * tb)
+
+
+def _segment_weights(row_weights, start, stop, slot, m, n, dtype):
+    return None if row_weights is None else row_weights[start:stop, slot].reshape(m, n, 1).to(dtype)
+
+
+def lowrank_linear_segments_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CPU fast path of ``lowrank_linear`` when rows are already grouped: ``segments`` lists
+    ``(slot, task, start, stop)`` row ranges. Equal-length segments that follow each other run as one
+    ``bmm`` (shrink) and one in-place ``baddbmm_`` on the output (expand): no gather/scatter of rows, and a
+    few large calls instead of many small ones. Fastest when the banks are stored so that ``V[t].T`` and
+    ``U[t].T`` are contiguous (see ``mass.layers.bank_layout``). Same result as
+    :func:`lowrank_linear_torch` for the same grouping."""
+    runs = segment_runs(segments, x.device)
+    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    for slot, sel, start, stop, m, n in runs:
+        h = torch.bmm(x[start:stop].reshape(m, n, -1), V[sel].transpose(1, 2))  # (m, n, k)
+        h.mul_(S[sel].unsqueeze(1))
+        w = _segment_weights(row_weights, start, stop, slot, m, n, h.dtype)
+        if w is not None:
+            h.mul_(w)
+        ys = y[start:stop].view(m, n, -1)
+        ys.baddbmm_(h, U[sel].transpose(1, 2))
+        if not biased:
+            _add_task_bias(ys, task_bias, sel, w)
+    return y
+
+
+def dense_delta_segments_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    deltas: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    row_weights: torch.Tensor | None = None,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + Σ_j w_j (x Δ_tjᵀ + task_bias_tj)`` over grouped rows, for whole (not low-rank) weight
+    deltas ``(T, out, in)`` such as the patch embedding's; runs of equal segments are one ``baddbmm_``."""
+    runs = segment_runs(segments, x.device)
+    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    for slot, sel, start, stop, m, n in runs:
+        xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
+        w = _segment_weights(row_weights, start, stop, slot, m, n, y.dtype)
+        if w is None:
+            ys.baddbmm_(xs, deltas[sel].transpose(1, 2))
+        else:
+            ys.add_(torch.bmm(xs, deltas[sel].transpose(1, 2)).mul_(w))
+        if not biased:
+            _add_task_bias(ys, task_bias, sel, w)
+    return y
+
+
+def whole_weight_segments_torch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    segments: list[tuple[int, int, int, int]],
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x W_tᵀ + b + task_bias_t`` over grouped rows with one whole weight ``(T, out, in)`` per entry: a
+    top-1 grouping (each row in exactly one slot-0 segment). One batched GEMM per run of equal segments, the
+    biases written first: as many FLOPs as a plain linear, where base plus delta costs twice that."""
+    runs = segment_runs(segments, x.device)
+    if any(run[0] != 0 for run in runs) or sum(stop - start for _, _, start, stop, _, _ in runs) != x.shape[0] \
+            or any(a[3] != b[2] for a, b in zip(runs, runs[1:])) or (runs and runs[0][2] != 0):
+        raise ValueError("whole_weight_segments_torch needs every row in exactly one slot-0 segment, in order")
+    y = torch.empty(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    for _, sel, start, stop, m, n in runs:
+        xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
+        b = _run_bias(bias, task_bias, sel, m)
+        if b is None:
+            torch.bmm(xs, weights[sel].transpose(1, 2), out=ys)
+        else:
+            ys.copy_(b.unsqueeze(1).expand(m, n, -1)).baddbmm_(xs, weights[sel].transpose(1, 2))
+    return y
+
