@@ -86,6 +86,7 @@ CASES = {
     "T8_k5_absent_tasks": (24, 64, 48, 8, 5, 1, dict(absent=(1, 6), weights=True)),
     "T20_k1_K2_weights_tb": (30, 40, 36, 20, 1, 2, dict(weights=True, task_bias=True)),
     "T3_k33_K2_nobias": (33, 100, 70, 3, 33, 2, dict(bias=False)),
+    "T20_k38_K2_in100": (26, 100, 70, 20, 38, 2, dict(task_bias=True, weights=True, absent=(4,))),
 }
 
 
@@ -108,6 +109,16 @@ def test_vendor_candidate_matches_reference(case, dtype):
     bound = lowrank_error_bound(*cpu, **kernel_roundoff(dtype, "vendor"))
     err = (got.cpu().double() - lowrank_linear_exact(*cpu)).abs()
     assert bool((err <= bound).all()), f"error {float((err / bound).max()):.3g}x the bound"
+
+
+def test_lowrank_padded_bank_gives_the_unpadded_result():
+    """pad_rank (k = 38 → 48, zero components) as the CUDA banks are laid out: same result within the bound."""
+    args = list(make_problem(21, 100, 70, 5, 38, 1, task_bias=True, seed=9))
+    args[3], args[4], args[5] = mass_kernels.pad_rank(args[3], args[4], args[5])
+    assert args[4].shape[1] == 48
+    got = lowrank_linear_triton(*args)
+    unpadded = list(make_problem(21, 100, 70, 5, 38, 1, task_bias=True, seed=9))
+    assert_within_bound(got, unpadded)
 
 
 def test_lowrank_rank_larger_than_tiles_and_many_row_tiles():

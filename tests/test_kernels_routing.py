@@ -49,6 +49,7 @@ def _inputs(lead, N, T, k, D, dtype, seed=0):
         (40, 8, 5, 48),    # several row tiles, tiny k
         (19, 20, 3, 64),   # T = 20
         (9, 2, 96, 200),   # k = 96 (pads to 128)
+        (6, 20, 38, 100),  # T = 20, k = 38 (ViT-B/16 at 20 tasks: 768 // 20), D not a multiple of 16
     ],
 )
 def test_routing_matches_reference(N, T, k, D, dtype):
