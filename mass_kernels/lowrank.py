@@ -18,11 +18,12 @@ T`` tiles: each group adds at most one partial tile); each program finds its (gr
 offsets with a small vectorised scan over the ≤ T+1 groups and exits if it has none.
 
 K > 1 slots: rows are sorted lexicographically by their (sanitised) task tuple and GEMM tiles never
-cross a slot-0 group, so slot 0 needs exactly one ``h · U_t0ᵀ`` per tile. For slot j ≥ 1 the tile
-loops over the distinct task ids present among its rows (data-dependent ``while`` loop; rows of
-other tasks are masked to zero in h). Because slot 1 is the secondary sort key, its tasks come in
-runs inside a tile, so typically one or two iterations; worst case min(BLOCK_M, T) expand dots per
-tile for slot j ≥ 1 (still one store of y, exact results). Grouping by the full tuple instead would
+cross a slot-0 group, so slot 0 needs exactly one ``h · U_t0ᵀ`` per tile (no loop over tasks). For
+slot j ≥ 1 a tile whose rows share one task there (the common case: slot 1 is the secondary sort
+key) takes the same single-task path; only a tile with several tasks in slot j loops over them
+(data-dependent ``while``; rows of other tasks are masked to zero in h) with an unpipelined rank
+loop: a pipelined rank loop inside that ``while`` is what spilled registers (bench/static_gpu_check.py).
+Worst case min(BLOCK_M, T) expand dots per tile for slot j ≥ 1 (still one store of y, exact results). Grouping by the full tuple instead would
 make every slot a single dot but fragments tiles into up to (T+1)^K mostly empty groups, which
 wastes the (much larger) base GEMM; that trade-off loses at K = 2, T = 8…20.
 
@@ -31,6 +32,12 @@ no out-of-bounds read of U/V/S/task_bias can happen on a GPU.
 
 The expand dot casts h (fp32) to the operand dtype for fp16/bf16 inputs (tensor-core MMA with
 fp32 accumulation, as punica/S-LoRA do); fp32 inputs follow ``torch.get_float32_matmul_precision``.
+
+Two candidates serve a call (chosen per shape by measurement, :mod:`mass_kernels.candidates`): the fused
+kernel above, and the vendor-GEMM one (``lowrank_linear_vendor``: the same kernel with ``HAS_BASE`` off
+writes biases + expand, then cuBLAS ``addmm`` adds x Wᵀ). The launchers take contiguous operands
+(:func:`plan_launch` copies others) and banks of any rank; a rank that is a multiple of 16
+(:func:`mass_kernels.pad_rank`) is what the kernels are checked spill-free for.
 """
 from __future__ import annotations
 
