@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapters import Architecture, block_of
 from .decompose import LowRankFactors, TaskDecomposition
-from .layers import MASSLinear, MASSMultiheadAttention
+from .layers import MASSLinear, MASSMultiheadAttention, bank_layout
 from .merging import tsv_delta, tsv_factors
 
 
@@ -147,7 +147,7 @@ def add_merged_weights(layers: dict, names: set, n_tasks: int) -> None:
     """TSV-M weights for the layers in ``names`` that hold none, rebuilt from their banks (a router moved to a
     deeper block than the merged weights kept). Each layer's weights are computed before they are set (one
     assignment each), so a concurrent forward sees either none or the whole value."""
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():  # (leaving inference mode re-enables grad: no_grad after)
         for name, layer, _, _ in targets(layers):
             if name not in names or layer.merged_weight is not None:
                 continue
@@ -213,7 +213,8 @@ class ComboCache:
             gen = self._generation
             if self._serves(gen, combos, sources):
                 return gen
-            if gen is None or not _same(gen.sources, sources) or len(gen.entries) + len(combos) > self.max_cached_combos:
+            full = gen is not None and len(gen.entries) + len(combos) > self.max_cached_combos
+            if gen is None or full or not _same(gen.sources, sources):
                 gen = Generation(sources)  # start again from the tasks
             new = sorted(c for c in combos if c not in gen.entries)
             gen = self._extend(gen, new, sources)
@@ -245,7 +246,7 @@ class ComboCache:
                 if layer.bias is not None:
                     new.task_bias = torch.cat([new.task_bias, layer.task_bias[idx] / m])
             if isinstance(layer, MASSLinear):
-                new.task_U, new.task_V = _layout(layer, new.task_U), _layout(layer, new.task_V)
+                new.task_U, new.task_V = bank_layout(new.task_U), bank_layout(new.task_V)
             out.banks[id(layer)] = new
         old = gen.of(banks) if gen.banks else banks
         tokens = SimpleNamespace(cls_delta=old.cls_delta, pos_delta=old.pos_delta)
@@ -266,12 +267,6 @@ _BANK_FIELDS = ("task_U", "task_S", "task_V", "task_weight", "task_bias")
 
 def _same(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def _layout(layer: MASSLinear, factors: torch.Tensor) -> torch.Tensor:
-    from .layers import bank_layout
-
-    return bank_layout(factors)
 
 
 def _append_lowrank(layer: MASSLinear, bank, idx: torch.Tensor, m: int) -> tuple:

@@ -25,7 +25,7 @@ from mass_kernels.reference import (
     whole_weight_segments_torch,
 )
 
-from .passes import MODES, Pass, PassState  # noqa: F401  (PassState: the layers' constructor argument)
+from .passes import PassState
 
 def bank_layout(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The memory layout a (entries, a, b) factor bank is kept in, values unchanged. On the CPU each entry is

@@ -320,14 +320,17 @@ class MASSModel(nn.Module):
     @torch.no_grad()
     def forward_merged(self, *inputs, **kwargs):
         """The TSV-M model alone (needs ``keep_merged='all'``)."""
-        find_images(self, inputs, kwargs)
-        with self.state.use("merged"):
-            return self.model(*inputs, **kwargs)
+        return self._single_pass("merged", inputs, kwargs)
 
     @torch.no_grad()
     def forward_pretrained(self, *inputs, **kwargs):
-        find_images(self, inputs, kwargs)
-        with self.state.use("base"):
+        """The pretrained model θ0 alone."""
+        return self._single_pass("base", inputs, kwargs)
+
+    def _single_pass(self, mode: str, inputs: tuple, kwargs: dict):
+        if find_images(self, inputs, kwargs).shape[0] == 0:
+            return empty_like_output(self, inputs, kwargs, mode)
+        with self.state.use(mode):
             return self.model(*inputs, **kwargs)
 
     # ------------------------------------------------------------------ heads
@@ -405,7 +408,8 @@ class MASSModel(nn.Module):
         from .serialization import load_mass
 
         if not isinstance(base_model, nn.Module):
-            raise TypeError(f"base_model must be the pretrained nn.Module to load into, got {type(base_model).__name__}")
+            raise TypeError(f"base_model must be the pretrained nn.Module to load into, got "
+                            f"{type(base_model).__name__}")
         detect(base_model)  # unsupported or already wrapped: refused before anything is loaded into it
         saved = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         try:

@@ -108,12 +108,12 @@ def _resize_batch(obj, size: int):
     return obj
 
 
-def empty_like_output(model, inputs: tuple, kwargs: dict):
+def empty_like_output(model, inputs: tuple, kwargs: dict, mode: str = "base"):
     """The output an empty batch gets: the structure, dtypes and trailing shapes of a one-sample output, with
-    0 samples (one θ0 forward of a blank sample finds them)."""
+    0 samples (one forward of a blank sample finds them)."""
     from .model import _take
 
-    with model.state.use("base"):
+    with model.state.use(mode):
         probe = model.model(*_resize_batch(inputs, 1), **_resize_batch(kwargs, 1))
     return _take(probe, torch.zeros(0, dtype=torch.long), 1)
 

@@ -94,12 +94,13 @@ class RouterConfig:
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"RouterConfig.threshold must lie in [0, 1), got {self.threshold!r}")
         if not isinstance(self.batch_level, (bool, np.bool_)):
-            raise RouterConfigTypeError(f"RouterConfig.batch_level must be a bool, got {type(self.batch_level).__name__} "
-                            f"{self.batch_level!r}")
+            raise RouterConfigTypeError(f"RouterConfig.batch_level must be a bool, got "
+                                        f"{type(self.batch_level).__name__} {self.batch_level!r}")
         set_("batch_level", bool(self.batch_level))
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, np.ndarray)):
-                raise RouterConfigTypeError(f"RouterConfig.layers must be a list or tuple of block indices, got {self.layers!r}")
+                raise RouterConfigTypeError(
+                    f"RouterConfig.layers must be a list or tuple of block indices, got {self.layers!r}")
             layers = [_int("layers[]", l, 0) for l in self.layers]
             if not layers or len(set(layers)) != len(layers):
                 raise ValueError(f"RouterConfig.layers must be distinct block indices >= 0, got {self.layers!r}")
@@ -137,7 +138,7 @@ def describe_tensor(t: Optional[torch.Tensor]) -> str:
     """A one-line summary of a tensor for reprs (shape, dtype, device; values only when tiny)."""
     if t is None:
         return "None"
-    if t.numel() <= 8 and t.device.type != "meta":
+    if 0 < t.numel() <= 8 and t.dim() <= 1 and t.device.type != "meta":
         return f"tensor({t.tolist()}, dtype={t.dtype})"
     return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
 

@@ -22,20 +22,23 @@ def _heads(width, n_tasks=3):
 
 def _workloads(model, views, images):
     """Named calls covering forced tasks (tensor, names, sets), routed calls, route(), classify(), prefix
-    reuse and top-k multi-task sets; the set cache is tiny (2) so concurrent calls also rebuild it."""
+    reuse and top-k multi-task sets; the set cache holds one set, so concurrent calls keep rebuilding it."""
     top1, reuse = views
     B = images.shape[0]
-    sets_a = torch.tensor([[0, 1], [1, 2], [2, -1], [0, 2], [1, -1], [0, 1]])
-    sets_b = torch.tensor([[1, 2], [0, -1], [0, 2], [0, 1], [2, 1], [-1, -1]])
+    # One multi-task set per workload, cache of one set: nearly every call builds a new cache generation
+    # while others run on the previous one.
+    sets = {combo: torch.tensor([list(combo), [combo[0], -1, -1], list(combo[::-1]), [-1, -1, -1],
+                                 list(combo), [combo[-1], -1, -1]][:B]).view(B, -1)
+            for combo in [(0, 1, -1), (0, 2, -1), (1, 2, -1), (0, 1, 2)]}
 
     def emb(out):
         return (extract_embedding(out),)
 
     work = {f"forced task{t}": (lambda t=t: emb(model(images, task_ids=torch.full((B,), t)))) for t in range(3)}
+    work.update({f"forced set {combo}": (lambda ids=ids: emb(model(images, task_ids=ids)))
+                 for combo, ids in sets.items()})
     work.update({
         "forced names": lambda: emb(model(images, task_ids=["task2", "task0", "task1", "task1", "task0", "task2"])),
-        "forced sets a": lambda: emb(model(images, task_ids=sets_a)),
-        "forced sets b": lambda: emb(model(images, task_ids=sets_b)),
         "routed topk": lambda: _routed(model, images),
         "route": lambda: _routing(model.route(images)),
         "classify": lambda: _classification(model.classify(images)),
@@ -65,7 +68,7 @@ def test_concurrent_calls_on_one_model_are_exact(arch, images):
     dec = mass.decompose(pretrained, finetuned, progress=False)
     width = 32 if arch == "openclip_sf" else 32
     model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1, threshold=0.1), heads=_heads(width),
-                           max_cached_combos=2)
+                           max_cached_combos=1)
     views = (model.with_router(mass.RouterConfig(layer=2, mode="top1")),
              model.with_router(mass.RouterConfig(layer=1, mode="top1"), reuse_prefix=True))
     work = _workloads(model, views, images)
