@@ -9,8 +9,8 @@ from .router import RouterConfig, Routing, select_tasks
 from .serialization import SavedModelError
 
 __all__ = [
-    "AlreadyWrappedError", "CheckpointError", "Classification", "LowRankFactors", "MASSConv2d", "MASSLayerNorm", "MASSLinear",
-    "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
+    "AlreadyWrappedError", "CheckpointError", "Classification", "LowRankFactors", "MASSConv2d", "MASSLayerNorm",
+    "MASSLinear", "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
     "TaskDecomposition", "decompose", "extract_embedding", "merge", "select_tasks", "task_arithmetic",
     "ties_merging", "tsv_merge",
 ]

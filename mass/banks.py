@@ -137,6 +137,32 @@ def build_banks(arch: Architecture, layers: dict, dec: TaskDecomposition, model:
     return TaskBanks(T, bank_layers, proj, pos_factors, cls_delta, pos_delta, max_cached_combos)
 
 
+def read_decomposition(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBanks,
+                       tasks: list) -> TaskDecomposition:
+    """The stored artifact read back from a wrapped model: θ0 (its state dict), the tasks' factors and whole
+    non-matrix values from the banks (the T task entries; cached sets are not part of it)."""
+    T = len(tasks)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dec = TaskDecomposition(tasks=list(tasks), base=base)
+    for _, layer, w_key, b_key in targets(layers):
+        if isinstance(layer, MASSLinear):
+            factors = (layer.task_U, layer.task_S, layer.task_V)
+            dec.lowrank[w_key] = LowRankFactors(*(f[:T].clone(memory_format=torch.contiguous_format) for f in factors))
+        else:
+            dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
+        if layer.bias is not None:
+            dec.dense[b_key] = base[b_key].unsqueeze(0) + layer.task_bias[:T]
+    cls_key, pos_key = arch.token_keys["cls"], arch.token_keys["pos"]
+    dec.dense[cls_key] = base[cls_key].unsqueeze(0) + banks.cls_delta[:T]
+    dec.lowrank[pos_key] = banks.pos_factors
+    if banks.proj is not None:
+        p = banks.proj
+        dec.lowrank[arch.proj_key] = LowRankFactors(
+            p.task_V[:T].transpose(1, 2).contiguous(), p.task_S[:T].clone(), p.task_U[:T].transpose(1, 2).contiguous()
+        )
+    return dec
+
+
 def layer_factors(layer: MASSLinear, n_tasks: int) -> LowRankFactors:
     """The T tasks' factors held by a layer (fp32 copies)."""
     return LowRankFactors(*(t[:n_tasks].float() for t in (layer.task_U, layer.task_S, layer.task_V)))

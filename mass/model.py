@@ -18,11 +18,14 @@ import mass_kernels
 from mass_kernels.reference import group_rows
 
 from .adapters import Architecture, cls_mlp_input, detect, install_layers, plan_layers
-from .banks import TaskBanks, add_merged_weights, build_banks, layer_factors, merged_needed, targets
+from .banks import (
+    TaskBanks, add_merged_weights, build_banks, layer_factors, merged_needed, read_decomposition,
+)
 from .checkpoints import Checkpoint
 from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose
 from .pass_inputs import (
-    check_flags, check_heads, check_router, check_task_names, empty_like_output, find_images, forced_task_ids,
+    check_decomposition, check_flags, check_heads, check_router, check_task_names, empty_like_output, find_images,
+    forced_task_ids,
 )
 from .layers import MASSLinear
 from .passes import (
@@ -122,6 +125,7 @@ class MASSModel(nn.Module):
         arch = detect(model)  # refuses an unsupported or already wrapped module
         routing_layers = router.resolved_layers(arch.n_blocks)
         tasks = check_task_names(decomposition.tasks)
+        check_decomposition(decomposition, model)
         heads = check_heads(heads, tasks, arch.output_dim)
         # Build everything on layers that are not installed yet: the module is only read until _install.
         state = PassState()
@@ -372,26 +376,7 @@ class MASSModel(nn.Module):
     # ------------------------------------------------------------------ storage
     def decomposition(self) -> TaskDecomposition:
         """What MASS stores (θ0, the tasks' factors, their whole non-matrix params), read back from the layers."""
-        T = len(self.tasks)
-        base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        dec = TaskDecomposition(tasks=list(self.tasks), base=base)
-        for _, layer, w_key, b_key in targets(self._layers):
-            if isinstance(layer, MASSLinear):
-                factors = (layer.task_U, layer.task_S, layer.task_V)
-                dec.lowrank[w_key] = LowRankFactors(*(f[:T].clone(memory_format=torch.contiguous_format) for f in factors))
-            else:
-                dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
-            if layer.bias is not None:
-                dec.dense[b_key] = base[b_key].unsqueeze(0) + layer.task_bias[:T]
-        cls_key, pos_key = self.arch.token_keys["cls"], self.arch.token_keys["pos"]
-        dec.dense[cls_key] = base[cls_key].unsqueeze(0) + self.banks.cls_delta[:T]
-        dec.lowrank[pos_key] = self.banks.pos_factors
-        if self.banks.proj is not None:
-            p = self.banks.proj
-            dec.lowrank[self.arch.proj_key] = LowRankFactors(
-                p.task_V[:T].transpose(1, 2).contiguous(), p.task_S[:T].clone(), p.task_U[:T].transpose(1, 2).contiguous()
-            )
-        return dec
+        return read_decomposition(self.model, self.arch, self._layers, self.banks, self.tasks)
 
     def storage_factor(self) -> float:
         return self.decomposition().storage_factor()

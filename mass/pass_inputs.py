@@ -71,6 +71,27 @@ def check_heads(heads, tasks: list[str], width: int) -> Optional[dict[str, torch
     return out
 
 
+def check_decomposition(dec, model) -> None:
+    """Every floating parameter of ``model`` has task values of matching shape for each of the T tasks."""
+    T = len(dec.tasks)
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        if key in dec.lowrank:
+            f = dec.lowrank[key]
+            shape = (f.U.shape[0], f.U.shape[1], f.V.shape[2]) if f.U.dim() == 3 and f.V.dim() == 3 else None
+            if shape != (T, *value.shape) or tuple(f.S.shape) != (T, f.U.shape[2]) or f.V.shape[:2] != f.S.shape:
+                raise ValueError(f"the decomposition's factors for {key!r} do not fit the model's {tuple(value.shape)} "
+                                 f"weight and {T} tasks (U {tuple(f.U.shape)}, S {tuple(f.S.shape)}, "
+                                 f"V {tuple(f.V.shape)})")
+        elif key in dec.dense:
+            if tuple(dec.dense[key].shape) != (T, *value.shape):
+                raise ValueError(f"the decomposition's values for {key!r} have shape {tuple(dec.dense[key].shape)}, "
+                                 f"expected {(T, *value.shape)} ({T} tasks)")
+        else:
+            raise ValueError(f"the decomposition holds no task values for {key!r}: it was not made from this model")
+
+
 # ---------------------------------------------------------------------------------------------- per call
 def find_images(model, inputs: tuple, kwargs: dict) -> torch.Tensor:
     """The image batch of a call (the first tensor argument, else ``pixel_values``/``x``), checked: a real

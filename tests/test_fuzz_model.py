@@ -172,6 +172,25 @@ def test_failed_wrap_leaves_the_module_as_it_was_and_a_retry_works(arch, stage, 
     assert model(images, task_ids=torch.zeros(6, dtype=torch.long)) is not None
 
 
+@pytest.mark.parametrize("damage, names", [
+    (lambda dec: dec.lowrank.pop("encoder.layers.1.mlp.fc1.weight"), "no task values for 'encoder.layers.1.mlp.fc1"),
+    (lambda dec: dec.dense.update({"pre_layrnorm.bias": dec.dense["pre_layrnorm.bias"][:2]}),
+     r"'pre_layrnorm.bias' have shape \(2, 32\), expected \(3, 32\)"),
+    (lambda dec: dec.lowrank.update({"encoder.layers.0.mlp.fc2.weight": mass.LowRankFactors(
+        *(t[:2] for t in dataclasses.astuple(dec.lowrank["encoder.layers.0.mlp.fc2.weight"])))}),
+     "factors for 'encoder.layers.0.mlp.fc2.weight' do not fit the model's"),
+    (lambda dec: dec.tasks.append("task3"), r"expected \(4, 32\) \(4 tasks\)"),
+])
+def test_a_decomposition_of_another_model_is_refused(damage, names):
+    pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
+    dec = mass.decompose(pretrained, finetuned, progress=False)
+    damage(dec)
+    before = _snapshot(pretrained)
+    with pytest.raises(ValueError, match=names):
+        mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
+    _assert_untouched(pretrained, before)
+
+
 def test_wrapping_twice_is_refused_with_a_clear_error():
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
     model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
