@@ -22,7 +22,7 @@ from .banks import (
     TaskBanks, add_merged_weights, build_banks, layer_factors, merged_needed, read_decomposition,
 )
 from .checkpoints import Checkpoint
-from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose
+from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose, resolve_rank
 from .pass_inputs import (
     check_decomposition, check_flags, check_heads, check_router, check_task_names, empty_like_output, find_images,
     forced_task_ids,
@@ -419,8 +419,9 @@ def _install(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBank
     try:
         install_layers(model, layers, undo)
         for i, block in enumerate(arch.blocks):
-            block.forward = BlockGate(block, state, i)
-            undo.append(lambda block=block: block.__dict__.pop("forward", None))
+            gate = BlockGate(block, state, i)
+            block.forward = gate
+            undo.append(lambda block=block, gate=gate: _restore_forward(block, gate.previous))
         undo.append(arch.pre_norm.register_forward_pre_hook(TokenDeltas(state, banks)).remove)
         if banks.proj is not None:
             root, original = arch.root, type(arch.root)
@@ -432,6 +433,13 @@ def _install(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBank
         for step in reversed(undo):
             step()
         raise
+
+
+def _restore_forward(block: nn.Module, previous) -> None:
+    if previous is None:
+        block.__dict__.pop("forward", None)
+    else:
+        block.forward = previous
 
 
 def merge(
@@ -454,6 +462,10 @@ def merge(
     router.resolved_layers(arch.n_blocks)
     check_flags(reuse_prefix, keep_merged, 64)
     if isinstance(finetuned, Mapping) and finetuned:
-        check_heads(heads, check_task_names(list(finetuned)), arch.output_dim)
+        tasks = check_task_names(list(finetuned))
+        check_heads(heads, tasks, arch.output_dim)
+        for key, value in pretrained.state_dict().items():  # the rank fits every matrix
+            if value.is_floating_point() and value.dim() == 2:
+                resolve_rank(rank, tuple(value.shape), len(tasks), key)
     dec = decompose(pretrained, finetuned, rank=rank, progress=progress)
     return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)

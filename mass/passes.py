@@ -183,8 +183,11 @@ class BlockGate:
 
     def __init__(self, block: nn.Module, state: PassState, index: int):
         self.block, self.state, self.index = block, state, index
+        self.previous = block.__dict__.get("forward")  # an instance-level forward set before (kept, restored)
 
     def _forward(self, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
         return type(self.block).forward(self.block, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):

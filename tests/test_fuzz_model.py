@@ -129,6 +129,9 @@ def _no_svd(*args, **kwargs):
     (dict(heads=[torch.randn(3, WIDTH)] * 3), TypeError, "heads must be a dict"),
     (dict(reuse_prefix="false"), TypeError, "reuse_prefix must be a bool"),
     (dict(keep_merged="none"), ValueError, "keep_merged must be 'prefix' or 'all'"),
+    (dict(rank=64), ValueError, "rank 64 is larger than matrix"),
+    (dict(rank=1.5), ValueError, r"a fractional rank must lie in \(0, 1\]"),
+    (dict(rank="4"), ValueError, "rank must be an int"),
 ])
 def test_merge_validates_before_the_svds_and_leaves_the_module(kwargs, error, names, monkeypatch):
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
@@ -383,3 +386,27 @@ def test_a_copied_model_is_independent(built):
     want = _emb(model(images, task_ids=torch.tensor([[0, 1]] * 6)))
     assert torch.equal(_emb(copied(images, task_ids=torch.tensor([[0, 1]] * 6))), want)
     assert copied.state is not model.state and copied.banks is not model.banks
+
+
+def test_a_block_forward_set_before_wrapping_is_kept_and_restored(images, monkeypatch):
+    """An instance-level ``forward`` on a block (as hooks libraries set) still runs inside MASS, and a failed
+    wrap puts that same function back."""
+    pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
+    dec = mass.decompose(pretrained, finetuned, progress=False)
+    block = pretrained.vision_model.encoder.layers[2]
+    calls = []
+    original = block.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = counted
+    monkeypatch.setattr("mass.model.TokenDeltas", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
+    assert block.__dict__["forward"] is counted
+    monkeypatch.undo()
+    model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
+    model(images, task_ids="task0")
+    assert calls == [1]
