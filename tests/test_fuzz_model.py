@@ -393,7 +393,7 @@ def test_a_block_forward_set_before_wrapping_is_kept_and_restored(images, monkey
     wrap puts that same function back."""
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
     dec = mass.decompose(pretrained, finetuned, progress=False)
-    block = pretrained.vision_model.encoder.layers[2]
+    block = mass.adapters.detect(pretrained).blocks[2]
     calls = []
     original = block.forward
 
