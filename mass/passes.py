@@ -58,7 +58,9 @@ class Pass:
     """Which weights one forward uses: ``base`` (θ0), ``merged`` (TSV-M), ``tasks`` (θ0 + per-sample entries).
     In ``tasks`` mode, ``entries`` (B, K) index the layers' banks (-1 = none) with ``weights`` (B, K);
     ``extension`` holds the banks extended with cached multi-task sets when entries point past the tasks.
-    A Pass belongs to one call: its row cache is filled lazily by that call's layers only."""
+    A first pass carries its ``capture`` (what to read, where to stop); a second pass that reuses the prefix
+    carries ``replay`` = (block L, the first pass's block-L output). A Pass belongs to one call: its row cache
+    is filled lazily by that call's layers only."""
 
     __slots__ = ("mode", "entries", "weights", "segments", "extension", "capture", "replay", "_row_cache")
 
@@ -176,7 +178,8 @@ _MASK_KWARGS = ("attention_mask", "causal_attention_mask", "attn_mask", "k_x", "
 
 
 class BlockGate:
-    """Stands in for one transformer block's ``forward`` (set once as an instance attribute, removed on unwrap).
+    """Stands in for one transformer block's ``forward`` (set once as an instance attribute when the model is
+    wrapped; a failed wrap puts back what was there).
     Outside a MASS pass, or when the pass has nothing to do with this block, it calls the block's own forward.
     A second pass that reuses the prefix gets the first pass's block-L output for blocks ≤ L; a first pass
     ending at this block returns its CLS feature from the trimmed block (or reads the block output)."""
