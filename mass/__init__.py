@@ -1,4 +1,5 @@
 """MASS: many fine-tuned CLIP vision encoders served as one (arXiv 2504.05342)."""
+from .adapters import AlreadyWrappedError
 from .checkpoints import CheckpointError
 from .decompose import LowRankFactors, TaskDecomposition, decompose
 from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention
@@ -8,8 +9,8 @@ from .router import RouterConfig, Routing, select_tasks
 from .serialization import SavedModelError
 
 __all__ = [
-    "CheckpointError", "Classification", "LowRankFactors", "MASSConv2d", "MASSLayerNorm", "MASSLinear",
-    "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
+    "AlreadyWrappedError", "CheckpointError", "Classification", "LowRankFactors", "MASSConv2d", "MASSLayerNorm",
+    "MASSLinear", "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
     "TaskDecomposition", "decompose", "extract_embedding", "merge", "select_tasks", "task_arithmetic",
     "ties_merging", "tsv_merge",
 ]

@@ -29,6 +29,8 @@ class Architecture:
     token_keys: dict = field(default_factory=dict)  # "cls"/"pos" -> state-dict key of those raw params
     pre_norm: Optional[nn.Module] = None  # token deltas are added to its input
     proj_key: Optional[str] = None  # open_clip's raw ``proj`` parameter, if any
+    in_channels: int = 3  # image channels the patch embedding takes
+    output_dim: int = 0  # width of the image embedding the model returns (what heads multiply)
 
     @property
     def n_blocks(self) -> int:
@@ -39,8 +41,23 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+class AlreadyWrappedError(ValueError):
+    """The module already holds MASS layers: it was wrapped by a MASSModel before."""
+
+
+def _mass_layer_types() -> tuple:
+    return (MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention)
+
+
 def detect(model: nn.Module) -> Architecture:
-    """Recognise the encoder structure; a clear error otherwise."""
+    """Recognise the encoder structure; a clear error otherwise (also for a module that is already wrapped)."""
+    wrapped = next((name for name, m in model.named_modules() if isinstance(m, _mass_layer_types())), None)
+    if wrapped is not None:
+        raise AlreadyWrappedError(
+            f"this {type(model).__name__} is already wrapped by a MASSModel (it holds MASS layers, e.g. "
+            f"{wrapped or 'the model itself'!r}); wrap a fresh copy of the pretrained model, or change the router "
+            f"of the existing MASSModel with model.with_router(RouterConfig(...))"
+        )
     if hasattr(model, "text_model") or (hasattr(model, "visual") and hasattr(model, "token_embedding")):
         raise TypeError(
             "pass the vision tower only: CLIPModel.vision_model (or CLIPVisionModelWithProjection), "
@@ -57,7 +74,9 @@ def detect(model: nn.Module) -> Architecture:
             block_names=[_join(root_name, "encoder.layers", str(i)) for i in range(len(layers))],
             batch_axes=[0] * len(layers), fc1=[blk.mlp.fc1 for blk in layers],
             token_keys={"cls": _join(emb, "class_embedding"), "pos": _join(emb, "position_embedding.weight")},
-            pre_norm=root.pre_layrnorm,
+            pre_norm=root.pre_layrnorm, in_channels=root.embeddings.patch_embedding.in_channels,
+            output_dim=(model.visual_projection.out_features if hasattr(model, "visual_projection")
+                        else root.post_layernorm.normalized_shape[-1]),
         )
     if hasattr(model, "transformer") and hasattr(model.transformer, "resblocks") and hasattr(model, "conv1"):
         if getattr(model, "attn_pool", None) is not None:
@@ -69,6 +88,9 @@ def detect(model: nn.Module) -> Architecture:
             batch_axes=[0 if blk.attn.batch_first else 1 for blk in blocks], fc1=[blk.mlp.c_fc for blk in blocks],
             token_keys={"cls": "class_embedding", "pos": "positional_embedding"},
             pre_norm=model.ln_pre, proj_key="proj" if getattr(model, "proj", None) is not None else None,
+            in_channels=model.conv1.in_channels,
+            output_dim=model.proj.shape[1] if getattr(model, "proj", None) is not None
+            else model.ln_post.normalized_shape[-1],
         )
     raise TypeError(
         f"unsupported model {type(model).__name__}: expected a HF CLIP vision model or an open_clip-style "
@@ -84,8 +106,10 @@ def block_of(arch: Architecture, module_name: str) -> Optional[int]:
     return None
 
 
-def install_layers(model: nn.Module, arch: Architecture, state: PassState) -> dict[str, nn.Module]:
-    """Replace Linear / LayerNorm / Conv2d / MultiheadAttention in place; returns module path -> MASS layer."""
+def plan_layers(model: nn.Module, arch: Architecture, state: PassState) -> dict[str, nn.Module]:
+    """MASS layers for every Linear / LayerNorm / Conv2d / MultiheadAttention of ``model``, sharing its
+    parameters, WITHOUT installing them (``model`` is not touched); ``arch.fc1`` and ``arch.pre_norm`` are
+    pointed at the new layers. Returns module path -> MASS layer (an attention's ``out_proj`` included)."""
     replaced: dict[str, nn.Module] = {}
     targets = []
     for name, module in model.named_modules():
@@ -106,16 +130,29 @@ def install_layers(model: nn.Module, arch: Architecture, state: PassState) -> di
             new = MASSLayerNorm(module, state, axis)
         else:
             new = MASSConv2d(module, state)
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
         replaced[name] = new
     # fc1 handles must point at the new modules
     for i, blk_name in enumerate(arch.block_names):
         fc1_name = _join(blk_name, "mlp.fc1" if arch.kind == "hf" else "mlp.c_fc")
         arch.fc1[i] = replaced[fc1_name]
+        arch.fc1[i].feature_index = i
     if arch.pre_norm is not None:
         arch.pre_norm = replaced[_join(arch.root_name, "pre_layrnorm" if arch.kind == "hf" else "ln_pre")]
     return replaced
+
+
+def install_layers(model: nn.Module, replaced: dict[str, nn.Module], undo: list) -> None:
+    """Put the planned layers in place. ``undo`` receives, step by step, what puts each original back (an
+    attention's ``out_proj`` is installed with its attention layer)."""
+    inside = {name for name, layer in replaced.items() if isinstance(layer, MASSMultiheadAttention)}
+    for name, new in replaced.items():
+        parent_name, _, child = name.rpartition(".")
+        if parent_name in inside:
+            continue
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, child)
+        setattr(parent, child, new)
+        undo.append(lambda parent=parent, child=child, original=original: setattr(parent, child, original))
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -3,13 +3,14 @@
 Every layer keeps the wrapped layer's parameters under their original names (so ``state_dict`` keys do not
 change) and holds, as non-persistent buffers, what MASS adds: the TSV-merged weights used by the first pass
 (only where the first pass runs) and a bank of per-entry deltas used by the second pass. An *entry* is one
-task's block, or one slot of a cached multi-task TSV-M block (MASS.md §4). A shared :class:`PassState`
-tells every layer which weights the current forward uses.
+task's block, or one slot of a cached multi-task TSV-M block (MASS.md §4). Each layer reads the current
+call's :class:`~mass.passes.Pass` (which weights this forward uses) from its :class:`~mass.passes.PassState`,
+so concurrent calls on one model never see each other's state.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -24,90 +25,7 @@ from mass_kernels.reference import (
     whole_weight_segments_torch,
 )
 
-MODES = ("base", "merged", "tasks")
-
-
-class PassState:
-    """Which weights the current forward uses: ``base`` (θ0), ``merged`` (TSV-M), ``tasks`` (θ0 + per-sample
-    entries). In ``tasks`` mode, ``entries`` (B, K) index the layers' banks (-1 = none) with ``weights`` (B, K)."""
-
-    def __init__(self):
-        self.mode = "base"
-        self.entries: Optional[torch.Tensor] = None
-        self.weights: Optional[torch.Tensor] = None
-        self.segments: Optional[list] = None  # CPU fast path: (slot, entry, first sample, end sample)
-        self._row_cache: dict = {}
-
-    @contextlib.contextmanager
-    def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-            segments: Optional[list] = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        saved = (self.mode, self.entries, self.weights, self.segments, self._row_cache)
-        self.mode, self.entries, self.weights, self.segments, self._row_cache = mode, entries, weights, segments, {}
-        try:
-            yield self
-        finally:
-            self.mode, self.entries, self.weights, self.segments, self._row_cache = saved
-
-    @property
-    def unit_weights(self) -> bool:
-        """Every selected entry has weight 1 (top-1 and TSV-M sets): weights need not be applied."""
-        if "unit" not in self._row_cache:
-            valid = self.entries >= 0
-            self._row_cache["unit"] = bool((self.weights[valid] == 1).all())
-        return self._row_cache["unit"]
-
-    @property
-    def _one_entry_each(self) -> bool:
-        """Every sample uses exactly one entry with weight 1 (top-1): a per-sample delta is one gather. Asked
-        only on the CPU fast path, which has already synchronised with the host."""
-        if "one" not in self._row_cache:
-            self._row_cache["one"] = self.entries.shape[1] == 1 and bool((self.entries >= 0).all()) and self.unit_weights
-        return self._row_cache["one"]
-
-    def row_segments(self, lead_shape: tuple, batch_axis: int) -> Optional[list]:
-        """Sample segments scaled to rows, when each sample's rows are contiguous (batch axis first)."""
-        if self.segments is None or batch_axis != 0 or lead_shape[0] != self.batch_size:
-            return None
-        per_sample = math.prod(lead_shape[1:])
-        key = ("segments", per_sample)
-        if key not in self._row_cache:
-            self._row_cache[key] = tuple((slot, e, a * per_sample, b * per_sample) for slot, e, a, b in self.segments)
-        return self._row_cache[key]
-
-    def segment_row_weights(self, lead_shape: tuple, batch_axis: int) -> Optional[torch.Tensor]:
-        """Per-row weights (N, K) for the segment fast path; None when every weight is 1 (nothing to apply)."""
-        return None if self.unit_weights else self.rows(lead_shape, batch_axis)[1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.entries.shape[0]
-
-    def rows(self, lead_shape: tuple, batch_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row entries and weights for an activation whose leading dims are ``lead_shape``."""
-        key = (tuple(lead_shape), batch_axis)
-        if key not in self._row_cache:
-            B = self.batch_size
-            if lead_shape[batch_axis] != B:
-                raise RuntimeError(
-                    f"activation of shape {tuple(lead_shape)} has no batch of {B} samples on axis {batch_axis}"
-                )
-            view = [1] * len(lead_shape)
-            view[batch_axis] = B
-            sample = torch.arange(B, device=self.entries.device).view(view).expand(lead_shape).reshape(-1)
-            self._row_cache[key] = (self.entries.index_select(0, sample), self.weights.index_select(0, sample))
-        return self._row_cache[key]
-
-    def sample_delta(self, bank: torch.Tensor) -> torch.Tensor:
-        """Σ_j w_j bank[e_j] per sample: (B, *bank.shape[1:]). Slots with entry -1 add nothing."""
-        if self.segments is not None and self._one_entry_each:
-            return bank.index_select(0, self.entries[:, 0])
-        valid = self.entries >= 0
-        picked = bank[self.entries.clamp_min(0)]  # (B, K, *shape)
-        w = (self.weights * valid).to(bank.dtype).view(*self.entries.shape, *([1] * (bank.dim() - 1)))
-        return (picked * w).sum(1)
-
+from .passes import PassState
 
 def bank_layout(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The memory layout a (entries, a, b) factor bank is kept in, values unchanged. On the CPU each entry is
@@ -120,6 +38,15 @@ def bank_layout(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if factors.transpose(1, 2).is_contiguous():
         return factors
     return factors.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+_CACHE_LOCK = threading.Lock()  # builds of lazily cached weights (rare; a module-level lock keeps layers copyable)
+
+
+def _stamp(tensors) -> tuple:
+    """What identifies the values of ``tensors`` cheaply: storage, in-place write count, dtype, device
+    (inference tensors keep no write count; they cannot be written outside inference mode anyway)."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
 
 
 def _broadcast_samples(values: torch.Tensor, ndim: int, batch_axis: int) -> torch.Tensor:
@@ -151,12 +78,15 @@ class _TaskModule(nn.Module):
         self._lay_out_banks()
         return self
 
-    def _require_merged(self):
-        if self.merged_weight is None:
+    def _require_merged(self) -> tuple:
+        """The merged weight and bias, read once (another model sharing these layers may add them meanwhile)."""
+        weight, bias = self.merged_weight, self.merged_bias
+        if weight is None:
             raise RuntimeError(
                 f"{type(self).__name__} holds no merged weights: the first pass does not reach this layer "
                 f"(build with keep_merged='all' to run the whole TSV-M model)"
             )
+        return weight, bias
 
 
 class MASSLinear(_TaskModule):
@@ -173,6 +103,7 @@ class MASSLinear(_TaskModule):
         self._init_task_buffers(
             state, batch_axis, ("merged_weight", "merged_bias", "task_U", "task_S", "task_V", "task_bias")
         )
+        self.feature_index: Optional[int] = None  # set on block i's fc1: its input is block i's routing feature
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, state: PassState, batch_axis: int = 0) -> "MASSLinear":
@@ -192,25 +123,28 @@ class MASSLinear(_TaskModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, entries={entries}, rank={rank}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.state.mode
-        if mode == "base":
+        p = self.state.current
+        if p.capture is not None and self.feature_index is not None:
+            p.capture.read(self.feature_index, x)  # a first pass: this block's MLP input may be a routing feature
+        if p.mode == "base":
             return F.linear(x, self.weight, self.bias)
-        if mode == "merged":
-            self._require_merged()
-            return F.linear(x, self.merged_weight, self.merged_bias)
+        if p.mode == "merged":
+            merged_weight, merged_bias = self._require_merged()
+            return F.linear(x, merged_weight, merged_bias)
+        bank = p.banks(self)
         lead = x.shape[:-1]
-        segments = self.state.row_segments(lead, self.batch_axis)
+        segments = p.row_segments(lead, self.batch_axis)
         if segments is not None and not x.is_cuda:
-            row_weights = self.state.segment_row_weights(lead, self.batch_axis)
+            row_weights = p.segment_row_weights(lead, self.batch_axis)
             y = lowrank_linear_segments_torch(
-                x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
-                segments, row_weights, self.task_bias,
+                x.reshape(-1, self.in_features), self.weight, self.bias, bank.task_U, bank.task_S, bank.task_V,
+                segments, row_weights, bank.task_bias,
             )
             return y.view(*lead, self.out_features)
-        row_entries, row_weights = self.state.rows(lead, self.batch_axis)
+        row_entries, row_weights = p.rows(lead, self.batch_axis)
         y = mass_kernels.lowrank_linear(
-            x.reshape(-1, self.in_features), self.weight, self.bias, self.task_U, self.task_S, self.task_V,
-            row_entries, row_weights.to(torch.float32), self.task_bias,
+            x.reshape(-1, self.in_features), self.weight, self.bias, bank.task_U, bank.task_S, bank.task_V,
+            row_entries, row_weights.to(torch.float32), bank.task_bias,
         )
         return y.view(*lead, self.out_features)
 
@@ -229,19 +163,19 @@ class MASSLayerNorm(_TaskModule):
         self._init_task_buffers(state, batch_axis, ("merged_weight", "merged_bias", "task_weight", "task_bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.state.mode
-        if mode == "base":
+        state = self.state.current
+        if state.mode == "base":
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if mode == "merged":
-            self._require_merged()
-            return F.layer_norm(x, self.normalized_shape, self.merged_weight, self.merged_bias, self.eps)
-        state = self.state
+        if state.mode == "merged":
+            merged_weight, merged_bias = self._require_merged()
+            return F.layer_norm(x, self.normalized_shape, merged_weight, merged_bias, self.eps)
+        bank = state.banks(self)
         normed = self._normalise(x)
         if state.row_segments(x.shape[:-1], self.batch_axis) is not None and state._one_entry_each:
             # Top-1 on the CPU fast path: samples are grouped by entry; each run of equal groups gets its
             # entries' affine in one in-place broadcast op.
-            weights = (self.weight + self.task_weight).to(x.dtype).flatten(1)  # (entries, numel of the shape)
-            biases = (self.bias + self.task_bias).to(x.dtype).flatten(1)
+            weights = (self.weight + bank.task_weight).to(x.dtype).flatten(1)  # (entries, numel of the shape)
+            biases = (self.bias + bank.task_bias).to(x.dtype).flatten(1)
             for _, sel, start, stop, m, _ in segment_runs(state.segments, x.device):
                 rows = normed[start:stop].view(m, -1, weights.shape[1])
                 w, b = weights[sel].unsqueeze(1), biases[sel].unsqueeze(1)
@@ -250,8 +184,8 @@ class MASSLayerNorm(_TaskModule):
                 else:
                     torch.addcmul(b, rows, w, out=rows)
             return normed
-        w = self.weight + self.state.sample_delta(self.task_weight)
-        b = self.bias + self.state.sample_delta(self.task_bias)
+        w = self.weight + state.sample_delta(bank.task_weight)
+        b = self.bias + state.sample_delta(bank.task_bias)
         axis = self.batch_axis if x.dim() > 2 else 0
         w, b = _broadcast_samples(w, x.dim(), axis).to(x.dtype), _broadcast_samples(b, x.dim(), axis).to(x.dtype)
         return normed.mul_(w).add_(b)
@@ -277,7 +211,7 @@ class MASSConv2d(_TaskModule):
         self.weight, self.bias = conv.weight, conv.bias
         self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias",
                                            "fine_tuned_weight"))
-        self._fine_tuned_from = None
+        self._fine_tuned = None  # (sources, stamp, weights): read and replaced as one value
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -288,7 +222,7 @@ class MASSConv2d(_TaskModule):
         if deltas is not None:
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
-        self.fine_tuned_weight, self._fine_tuned_from = None, None
+        self.fine_tuned_weight, self._fine_tuned = None, None
 
     def _fine_tuned_weights(self, n_entries: int) -> torch.Tensor:
         """``W0 + Δ_e`` for the first ``n_entries`` entries (top-1 rows use task entries, which come first),
@@ -296,16 +230,28 @@ class MASSConv2d(_TaskModule):
         fast path is one GEMM per group, as many FLOPs as the plain conv, instead of a base GEMM plus a delta
         GEMM. Costs that many patch weights of memory (ViT-B/32, T = 8: 72 MiB in fp32), held as a
         non-persistent buffer so it counts in the module's tensors; built on first use and rebuilt when more
-        entries are needed or the base weight or the deltas change (new tensors, new storage, in-place writes)."""
+        entries are needed or the base weight or the deltas change (new tensors, new storage, in-place writes).
+        Concurrent calls: the cache is read as one value and replaced (never written in place) under a lock, so a
+        call holding the previous weights keeps valid ones; it is built outside inference mode so that later
+        calls outside it can use it."""
+
+        def current(cache, sources, stamp):
+            return (cache is not None and cache[2].shape[0] >= n_entries and cache[1] == stamp
+                    and all(a is b for a, b in zip(cache[0], sources)))
+
         sources = (self.weight, self.task_weight)
-        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        built_from, cached = self._fine_tuned_from, self.fine_tuned_weight
-        if cached is None or cached.shape[0] < n_entries or built_from[1] != stamp \
-                or any(a is not b for a, b in zip(built_from[0], sources)):
-            deltas = self.task_weight[:n_entries].reshape(n_entries, self.out_channels, -1)
-            whole = self.weight.reshape(1, self.out_channels, -1) + deltas
-            self.fine_tuned_weight, self._fine_tuned_from = bank_layout(whole), (sources, stamp)
-        return self.fine_tuned_weight
+        stamp = _stamp(sources)
+        cache = self._fine_tuned
+        if current(cache, sources, stamp):
+            return cache[2]
+        with _CACHE_LOCK, torch.inference_mode(False), torch.no_grad():
+            cache = self._fine_tuned
+            if not current(cache, sources, stamp):
+                deltas = self.task_weight[:n_entries].reshape(n_entries, self.out_channels, -1)
+                whole = bank_layout(self.weight.reshape(1, self.out_channels, -1) + deltas)
+                cache = (sources, stamp, whole)
+                self._fine_tuned, self.fine_tuned_weight = cache, whole
+        return cache[2]
 
     def _lay_out_banks(self) -> None:
         self.set_weight_deltas(self.task_weight)
@@ -337,45 +283,55 @@ class MASSConv2d(_TaskModule):
         """The task-conditioned conv as GEMMs over patches on grouped samples: for top-1, each group with its
         entry's whole weight; otherwise one base GEMM plus the weighted per-entry deltas."""
         patches, grid = self._patches(x)
-        if row_weights is None and self.state._one_entry_each:
-            n_entries = 1 + max(entry for _, entry, _, _ in segments)
+        p = self.state.current
+        bank = p.banks(self)
+        if row_weights is None and p._one_entry_each:
+            n_entries = 1 + max(entry for _, entry, _, _ in segments)  # task entries: the layer's own bank
             y = whole_weight_segments_torch(patches, self._fine_tuned_weights(n_entries), self.bias, segments,
-                                            self.task_bias)
+                                            bank.task_bias)
         else:
-            E = self.task_weight.shape[0]
+            E = bank.task_weight.shape[0]
             y = dense_delta_segments_torch(
                 patches, self.weight.reshape(self.out_channels, -1), self.bias,
-                self.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, self.task_bias,
+                bank.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, bank.task_bias,
             )
         return self._unpatch(y, grid)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = f"{x.shape[1]} channels" if x.dim() == 4 else f"{x.dim()} dimensions"
+            raise ValueError(
+                f"the patch embedding expects images of shape (batch, {self.in_channels} channels, height, width); "
+                f"got a tensor of shape {tuple(x.shape)} ({got})"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.state.mode
-        if mode in ("base", "merged"):
-            if mode == "merged":
-                self._require_merged()
-            w, b = (self.weight, self.bias) if mode == "base" else (self.merged_weight, self.merged_bias)
+        self._check_input(x)
+        p = self.state.current
+        if p.mode in ("base", "merged"):
+            w, b = (self.weight, self.bias) if p.mode == "base" else self._require_merged()
             if not x.is_cuda and self._patchifies(x):
                 return self._patch_gemm(x, w, b)
             return self._conv(x, w, b)
         if not x.is_cuda and self._patchifies(x):
             lead = (x.shape[0], x.shape[2] // self.kernel_size[0], x.shape[3] // self.kernel_size[1])
-            segments = self.state.row_segments(lead, 0)
+            segments = p.row_segments(lead, 0)
             if segments is not None:
-                row_weights = self.state.segment_row_weights(lead, 0)
+                row_weights = p.segment_row_weights(lead, 0)
                 return self._patch_forward(x, segments, row_weights)
         y = self._conv(x, self.weight, self.bias)
-        entries, weights = self.state.entries, self.state.weights
+        entries, weights = p.entries, p.weights
         if x.is_cuda:
             return y + self._grouped_delta(x)
+        bank = p.banks(self)
         # CPU: one conv per bank entry over the samples that use it.
-        for e in range(self.task_weight.shape[0]):
+        for e in range(bank.task_weight.shape[0]):
             coef = (weights * (entries == e)).sum(1)
             rows = coef.nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            b = None if self.task_bias is None else self.task_bias[e]
-            delta = self._conv(x.index_select(0, rows), self.task_weight[e], b)
+            b = None if bank.task_bias is None else bank.task_bias[e]
+            delta = self._conv(x.index_select(0, rows), bank.task_weight[e], b)
             y = y.index_add(0, rows, delta * coef.index_select(0, rows).to(y.dtype).view(-1, 1, 1, 1))
         return y
 
@@ -383,8 +339,10 @@ class MASSConv2d(_TaskModule):
         """Σ_j w_j conv(x_b, Δ_{e_bj}) for every sample in one grouped conv, without a host sync (so the
         routed forward stays capturable in a CUDA graph); it gathers one weight delta per sample."""
         B = x.shape[0]
-        w = self.state.sample_delta(self.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
-        b = None if self.task_bias is None else self.state.sample_delta(self.task_bias).to(x.dtype).reshape(-1)
+        p = self.state.current
+        bank = p.banks(self)
+        w = p.sample_delta(bank.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
+        b = None if bank.task_bias is None else p.sample_delta(bank.task_bias).to(x.dtype).reshape(-1)
         out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), b, self.stride, self.padding,
                        self.dilation, self.groups * B)
         return out.view(B, -1, *out.shape[2:])

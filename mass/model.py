@@ -1,7 +1,12 @@
-"""The two-pass MASS model (MASS.md §3–4) and ``mass.merge``."""
+"""The two-pass MASS model (MASS.md §3–4) and ``mass.merge``.
+
+Where things are: the banks and the multi-task set cache in :mod:`mass.banks`, the per-call pass state and
+the hooks that read it in :mod:`mass.passes`, input checks in :mod:`mass.pass_inputs`; this module wraps the model
+(transactionally) and orchestrates the two passes.
+"""
 from __future__ import annotations
 
-import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -12,21 +17,28 @@ from torch import nn
 import mass_kernels
 from mass_kernels.reference import group_rows
 
-from .adapters import Architecture, block_of, cls_mlp_input, detect, install_layers
+from .adapters import Architecture, cls_mlp_input, detect, install_layers, plan_layers
+from .banks import (
+    TaskBanks, add_merged_weights, build_banks, layer_factors, merged_needed, read_decomposition,
+)
 from .checkpoints import Checkpoint
-from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose
-from .layers import MASSConv2d, MASSLayerNorm, MASSLinear, MASSMultiheadAttention, PassState
-from .merging import tsv_delta, tsv_factors
-from .router import RouterConfig, Routing, select_tasks
+from .decompose import LowRankFactors, Rank, TaskDecomposition, decompose, resolve_rank
+from .pass_inputs import (
+    check_decomposition, check_flags, check_heads, check_router, check_task_names, empty_like_output, find_images,
+    forced_task_ids,
+)
+from .layers import MASSLinear
+from .passes import (
+    BlockGate, FirstPassCapture, PassState, ProjSwitch, StopForward, TokenDeltas, proj_class,
+)
+from .router import RouterConfig, Routing, describe_tensor, select_tasks
 
-TaskIds = Union[torch.Tensor, Sequence[str], Sequence[Sequence[str]]]
+TaskIds = Union[torch.Tensor, str, int, Sequence[str], Sequence[int], Sequence[Sequence[Union[str, int]]]]
+
+_VIEWS_LOCK = threading.Lock()  # with_router: adding merged weights to shared layers
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end the first pass once the routing features are read."""
-
-
-@dataclass
+@dataclass(repr=False)
 class Classification:
     """Per-sample logits of the chosen head (padded with -inf to the largest head), chosen task, prediction."""
 
@@ -34,6 +46,10 @@ class Classification:
     task_ids: torch.Tensor  # (B,)
     predictions: torch.Tensor  # (B,)
     routing: Routing
+
+    def __repr__(self) -> str:
+        return (f"Classification(logits={describe_tensor(self.logits)}, task_ids={describe_tensor(self.task_ids)}, "
+                f"predictions={describe_tensor(self.predictions)}, routing={self.routing!r})")
 
 
 def extract_embedding(output) -> torch.Tensor:
@@ -65,9 +81,29 @@ def _take(obj, order: torch.Tensor, batch: int, axis: int = 0):
     return obj
 
 
+def routing_basis(factors: list[LowRankFactors], norm: str) -> torch.Tensor:
+    """(G, T, k, D): per routing block, each task's right-singular basis of the fc1 delta. With norm='sv'
+    rows are scaled by sqrt(s_i / s_1), so ‖Vx‖² becomes Σ (s_i / s_1)(v_i·x)² (still ≤ ‖x‖²)."""
+    bases = []
+    for f in factors:
+        V = f.V.float()
+        if norm == "sv":
+            rel = f.S.float() / f.S.float()[:, :1].clamp_min(1e-12)
+            V = V * rel.sqrt().unsqueeze(-1)
+        bases.append(V)
+    return torch.stack(bases)
+
+
 class MASSModel(nn.Module):
     """T fine-tuned encoders served as one: route on a first (merged) pass, apply the selected tasks' blocks
-    in one batched second pass. Build with :func:`merge` or :meth:`from_pretrained`."""
+    in one batched second pass. Build with :func:`merge` or :meth:`from_pretrained`.
+
+    Wrapping is transactional: everything (banks, merged weights, heads, routing basis) is built before the
+    module is touched; a failed construction leaves it exactly as it was, and a module that is already wrapped
+    is refused. Calls are thread-safe: any number of threads may run ``forward``/``route``/``classify`` on one
+    model (and on the models :meth:`with_router` derives from it) at once, each getting exactly the result it
+    would get alone.
+    """
 
     def __init__(
         self,
@@ -80,187 +116,91 @@ class MASSModel(nn.Module):
         max_cached_combos: int = 64,
     ):
         super().__init__()
-        if keep_merged not in ("prefix", "all"):
-            raise ValueError(f"keep_merged must be 'prefix' or 'all', got {keep_merged!r}")
-        self.router_config = router if router is not None else RouterConfig()
-        self.tasks = list(decomposition.tasks)
-        self.reuse_prefix = bool(reuse_prefix)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the pretrained nn.Module to wrap, got {type(model).__name__}")
+        if not isinstance(decomposition, TaskDecomposition):
+            raise TypeError(f"decomposition must be a TaskDecomposition, got {type(decomposition).__name__}")
+        router = check_router(router)
+        check_flags(reuse_prefix, keep_merged, max_cached_combos)
+        arch = detect(model)  # refuses an unsupported or already wrapped module
+        routing_layers = router.resolved_layers(arch.n_blocks)
+        tasks = check_task_names(decomposition.tasks)
+        check_decomposition(decomposition, model)
+        heads = check_heads(heads, tasks, arch.output_dim)
+        # Build everything on layers that are not installed yet: the module is only read until _install.
+        state = PassState()
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        layers = plan_layers(model, arch, state)
+        needs = merged_needed(arch, order, list(layers), routing_layers[-1], keep_merged,
+                              router.features == "merged" or reuse_prefix)
+        banks = build_banks(arch, layers, decomposition, model, state, needs, keep_merged, max_cached_combos)
+        banks.set_heads(heads)
+        basis = routing_basis([decomposition.lowrank[_fc1_key(arch, layer)] for layer in routing_layers], router.norm)
+        self.tasks = tasks
+        self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
         self.keep_merged = keep_merged
-        self.max_cached_combos = max_cached_combos
+        self.state, self.arch, self._layers, self.banks = state, arch, layers, banks
+        self._configure(router, bool(reuse_prefix), routing_layers, basis)
+        _install(model, arch, layers, banks, state)  # the only step that touches the module; undone on failure
+        self.model = model
+
+    def _configure(self, router: RouterConfig, reuse_prefix: bool, routing_layers: list, basis: torch.Tensor):
+        """The per-model (not shared) settings: router, prefix reuse, routing basis."""
+        self.router_config = router
+        self.reuse_prefix = reuse_prefix
+        self.routing_layers = routing_layers
+        self.routing_layer = routing_layers[-1]  # the first pass stops here
         # With the CLS token, the routing block runs only what that token's MLP input needs (same feature).
         self.trim_routing_block = True
-        self.model = model
-        self.state = PassState()
-        arch: Architecture = detect(model)
-        self.arch = arch
-        self.routing_layers = self.router_config.resolved_layers(arch.n_blocks)
-        self.routing_layer = self.routing_layers[-1]  # the first pass stops here
-        self._layers = install_layers(model, arch, self.state)
-        self._combos: dict[tuple, list[int]] = {}
-        self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
-        self._build(decomposition)
-        self.heads = self._check_heads(heads)
-        self._register_hooks()
+        self.register_buffer("routing_basis", basis, persistent=False)
 
-    # ------------------------------------------------------------------ construction
-    def _module_order(self) -> dict[str, int]:
-        return {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+    # ------------------------------------------------------------------ derived models
+    def with_router(self, router: Optional[RouterConfig] = None, *, reuse_prefix: Optional[bool] = None) -> "MASSModel":
+        """A model with another router (and optionally prefix reuse) that shares this one's encoder, banks,
+        heads and set cache: nothing is decomposed again. A routing block deeper than the merged weights
+        this model kept gets them, rebuilt from the factors. Both models stay usable, concurrently too.
+        (They share one encoder: move or cast the original, not a derived model.)"""
+        router = check_router(router)
+        reuse_prefix = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+        check_flags(reuse_prefix, self.keep_merged, self.banks.combos.max_cached_combos)
+        routing_layers = router.resolved_layers(self.arch.n_blocks)
+        T = len(self.tasks)
+        fc1 = [self._fc1_layer(layer) for layer in routing_layers]
+        basis = routing_basis([layer_factors(layer, T) for layer in fc1], router.norm).to(self.routing_basis.device)
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        needs = merged_needed(self.arch, order, list(self._layers), routing_layers[-1], self.keep_merged,
+                              router.features == "merged" or reuse_prefix)
+        with _VIEWS_LOCK:
+            add_merged_weights(self._layers, needs, T)
+        view = MASSModel.__new__(MASSModel)
+        nn.Module.__init__(view)
+        view.tasks, view.ranks, view.keep_merged = self.tasks, self.ranks, self.keep_merged
+        view.state, view.arch, view._layers, view.banks = self.state, self.arch, self._layers, self.banks
+        view._configure(router, bool(reuse_prefix), routing_layers, basis)
+        view.model = self.model
+        return view
 
-    def _keeps_merged(self, name: str, order: dict[str, int]) -> bool:
-        if self.keep_merged == "all":
-            return True
-        if self.router_config.features == "pretrained" and not self.reuse_prefix:
-            return False  # the first pass runs θ0: no merged weights are needed at all
-        blk = block_of(self.arch, name)
-        if blk is not None:
-            return blk <= self.routing_layer
-        return order[name] < order[self.arch.block_names[0]]  # embeddings and pre-norm run in pass 1
+    def _fc1_layer(self, layer: int) -> MASSLinear:
+        return self.arch.fc1[layer]
 
-    def _targets(self):
-        """(state-dict prefix, layer, weight attr, bias attr) for every task-conditioned layer."""
-        for name, layer in self._layers.items():
-            if isinstance(layer, MASSMultiheadAttention):
-                yield name, layer.in_proj, name + ".in_proj_weight", name + ".in_proj_bias"
-            else:
-                yield name, layer, name + ".weight", name + ".bias"
-
-    def _bank_layers(self) -> list:
-        """Every layer holding a bank of task entries: the wrapped layers and open_clip's ``proj``."""
-        layers = [layer for _, layer, _, _ in self._targets()]
-        return layers + ([self.proj] if self.proj is not None else [])
-
-    @torch.no_grad()
-    def _build(self, dec: TaskDecomposition):
-        base, T = dec.base, len(dec.tasks)
-        covered = set()
-        order = self._module_order()
-        for name, layer, w_key, b_key in self._targets():
-            keep = self._keeps_merged(name, order)
-            like = layer.weight
-            covered.add(w_key)
-            if isinstance(layer, MASSLinear):
-                f = dec.lowrank[w_key]
-                layer.set_factors(*(t.to(like) for t in (f.U, f.S, f.V)))
-                if keep:
-                    layer.merged_weight = (base[w_key].float() + tsv_delta(f)).to(like)
-            else:
-                deltas = dec.dense[w_key] - base[w_key].float()
-                layer.set_weight_deltas(deltas.to(like))
-                if keep:
-                    layer.merged_weight = (base[w_key].float() + deltas.mean(0)).to(like)
-            if layer.bias is not None:
-                covered.add(b_key)
-                deltas = dec.dense[b_key] - base[b_key].float()
-                layer.task_bias = deltas.to(like)
-                if keep:
-                    layer.merged_bias = (base[b_key].float() + deltas.mean(0)).to(like)
-        # Raw parameters: class token and positional embedding (added before the pre-norm), open_clip's proj.
-        cls_key, pos_key = self.arch.token_keys["cls"], self.arch.token_keys["pos"]
-        self._pos_factors = dec.lowrank[pos_key]
-        cls_delta = dec.dense[cls_key] - base[cls_key].float()
-        pos_delta = torch.stack([self._pos_factors.delta(t) for t in range(T)])
-        self.register_buffer("cls_delta", cls_delta, persistent=False)
-        self.register_buffer("pos_delta", pos_delta, persistent=False)
-        self.register_buffer("merged_cls_delta", cls_delta.mean(0), persistent=False)
-        self.register_buffer("merged_pos_delta", tsv_delta(self._pos_factors), persistent=False)
-        covered.update((cls_key, pos_key))
-        self.proj = None
-        if self.arch.proj_key is not None:
-            key = self.arch.proj_key
-            p0 = self.model.get_parameter(key)
-            f = dec.lowrank[key]
-            # x @ (P0 + U S V) is a linear layer with weight P0ᵀ and factors (Vᵀ, S, Uᵀ).
-            self.proj = MASSLinear(p0.detach().t().contiguous(), None, self.state, 0)
-            self.proj.set_factors(f.V.transpose(1, 2).to(p0), f.S.to(p0), f.U.transpose(1, 2).to(p0))
-            if self.keep_merged == "all":
-                self.proj.merged_weight = (p0.float() + tsv_delta(f)).t().contiguous().to(p0)
-            covered.add(key)
-        floats = {k for k, v in self.model.state_dict().items() if v.is_floating_point()}
-        missing = sorted(floats - covered)
-        if missing:
-            raise NotImplementedError(f"MASS does not know how to condition these parameters on tasks: {missing[:8]}")
-        self.register_buffer("routing_basis", self._routing_basis(dec), persistent=False)
-
-    def _routing_basis(self, dec: TaskDecomposition) -> torch.Tensor:
-        """(G, T, k, D): per routing block, each task's right-singular basis of the fc1 delta. With norm='sv'
-        rows are scaled by sqrt(s_i / s_1), so ‖Vx‖² becomes Σ (s_i / s_1)(v_i·x)² (still ≤ ‖x‖²)."""
-        bases = []
-        for layer in self.routing_layers:
-            f = dec.lowrank[self._fc1_key(layer)]
-            V = f.V.float()
-            if self.router_config.norm == "sv":
-                rel = f.S.float() / f.S.float()[:, :1].clamp_min(1e-12)
-                V = V * rel.sqrt().unsqueeze(-1)
-            bases.append(V)
-        return torch.stack(bases)
-
-    def _fc1_key(self, layer: int) -> str:
-        suffix = "mlp.fc1.weight" if self.arch.kind == "hf" else "mlp.c_fc.weight"
-        return f"{self.arch.block_names[layer]}.{suffix}"
-
-    def _check_heads(self, heads):
-        if heads is None:
-            return None
-        unknown = sorted(set(heads) - set(self.tasks))
-        missing = [t for t in self.tasks if t not in heads]
-        if unknown or missing:
-            raise ValueError(f"heads must have one entry per task; unknown {unknown}, missing {missing}")
-        out = {}
-        for t in self.tasks:
-            h = torch.as_tensor(heads[t])
-            if h.dim() != 2 or not h.is_floating_point() or not bool(torch.isfinite(h).all()):
-                raise ValueError(f"head for task {t!r} must be a finite float (C, D) tensor, got {tuple(h.shape)}")
-            out[t] = h
-        dims = {h.shape[1] for h in out.values()}
-        if len(dims) != 1:
-            raise ValueError(f"all heads must share the embedding size, got {sorted(dims)}")
-        for i, t in enumerate(self.tasks):
-            self.register_buffer(f"_head_{i}", out[t].clone(), persistent=False)
-        return {t: f"_head_{i}" for i, t in enumerate(self.tasks)}
+    # ------------------------------------------------------------------ heads
+    @property
+    def heads(self) -> Optional[dict]:
+        """Task -> name of its head buffer (None without heads); :meth:`head` returns the tensor."""
+        return self.banks.head_names
 
     def head(self, task: str) -> torch.Tensor:
-        return getattr(self, self.heads[task])
+        if self.heads is None:
+            raise RuntimeError("this MASSModel has no heads: pass heads={task: (C, D) tensor} to merge()")
+        if task not in self.heads:
+            raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
+        return getattr(self.banks, self.heads[task])
 
-    # ------------------------------------------------------------------ hooks
-    def _register_hooks(self):
-        self.arch.pre_norm.register_forward_pre_hook(self._add_token_deltas)
+    @property
+    def max_cached_combos(self) -> int:
+        return self.banks.combos.max_cached_combos
 
-    def _add_token_deltas(self, module, args):
-        mode = self.state.mode
-        if mode == "base":
-            return None
-        x = args[0]
-        if mode == "merged":
-            delta = self.merged_pos_delta.unsqueeze(0).clone()
-            delta[:, 0] += self.merged_cls_delta
-        else:
-            delta = self.state.sample_delta(self.pos_delta)
-            delta[:, 0] += self.state.sample_delta(self.cls_delta)
-        if x.shape[1:] != delta.shape[1:]:
-            raise RuntimeError(
-                f"token layout {tuple(x.shape)} does not match the stored positional embedding "
-                f"{tuple(self.pos_delta.shape[1:])} (interpolated positions and patch dropout are not supported)"
-            )
-        return (x + delta.to(x.dtype),) + tuple(args[1:])
-
-    def _call(self, *inputs, **kwargs):
-        """Run the wrapped model. open_clip's raw ``proj`` is taken out for the call (the forward then returns
-        the pooled features) and applied here with the current pass's weights; it is put back even when the
-        first pass stops early."""
-        if self.proj is None:
-            return self.model(*inputs, **kwargs)
-        root = self.arch.root
-        saved = root.proj
-        root.proj = None
-        try:
-            output = self.model(*inputs, **kwargs)
-        finally:
-            root.proj = saved
-        pooled = output[0] if isinstance(output, tuple) else output
-        projected = pooled @ saved if self.state.mode == "base" else self.proj(pooled)
-        return (projected,) + tuple(output[1:]) if isinstance(output, tuple) else projected
-
-    # ------------------------------------------------------------------ routing
+    # ------------------------------------------------------------------ first pass
     def _token(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         seq_axis = 1 - self.arch.batch_axes[layer]
         if self.router_config.token == "cls":
@@ -270,46 +210,19 @@ class MASSModel(nn.Module):
     def _first_pass(self, *inputs, **kwargs) -> tuple[torch.Tensor, object]:
         """Run the first-pass model until the last routing block's MLP input (or, with prefix reuse, that
         block's output). Returns the routing features (G, B, D) and the block output (or None)."""
-        L = self.routing_layer
-        captured: dict = {}
-
-        def reader(layer):
-            def read_feature(module, args):
-                captured[layer] = self._token(args[0], layer)
-                if layer == L and not self.reuse_prefix:
-                    raise _StopForward
-            return read_feature
-
-        def read_block(module, args, output):
-            captured["block"] = output
-            raise _StopForward
-
-        def read_routing_block(module, args, kwargs):
-            hidden = args[0] if args else next((kwargs[k] for k in ("hidden_states", "x", "q_x") if k in kwargs), None)
-            # Masks, separate key/value inputs, anything beyond the hidden states: run the whole block instead.
-            extra = list(args[1:]) + [kwargs.get(k) for k in ("attention_mask", "causal_attention_mask", "attn_mask",
-                                                               "k_x", "v_x")]
-            if hidden is None or any(e is not None for e in extra):
-                return
-            feature = cls_mlp_input(self.arch, L, hidden)
-            if feature is not None:
-                captured[L] = feature
-                raise _StopForward
-
-        handles = [self.arch.fc1[layer].register_forward_pre_hook(reader(layer)) for layer in self.routing_layers]
-        if self.reuse_prefix:
-            handles.append(self.arch.blocks[L].register_forward_hook(read_block))
-        elif self.router_config.token == "cls" and self.trim_routing_block:
-            handles.append(self.arch.blocks[L].register_forward_pre_hook(read_routing_block, with_kwargs=True))
+        capture = FirstPassCapture(
+            layers=frozenset(self.routing_layers), stop=self.routing_layer, reuse_prefix=self.reuse_prefix,
+            trim=self.router_config.token == "cls" and self.trim_routing_block, token=self._token,
+            trimmed_feature=lambda index, hidden: cls_mlp_input(self.arch, index, hidden),
+        )
         mode = "base" if self.router_config.features == "pretrained" else "merged"
         try:
-            with self.state.use(mode):
-                self._call(*inputs, **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+            with self.state.use(mode, capture=capture):
+                self.model(*inputs, **kwargs)
+        except StopForward as stop:
+            if stop.capture is not capture:
+                raise
+        captured = capture.captured
         if any(layer not in captured for layer in self.routing_layers):
             raise RuntimeError("the first pass never reached the routing layer")
         return torch.stack([captured[layer] for layer in self.routing_layers]), captured.get("block")
@@ -323,6 +236,9 @@ class MASSModel(nn.Module):
     @torch.no_grad()
     def route(self, *inputs, **kwargs) -> Routing:
         """Routing alone: the first pass and the router, no second pass."""
+        images = find_images(self, inputs, kwargs)
+        if images.shape[0] == 0:
+            return self._empty_routing(images, None)
         feature, _ = self._first_pass(*inputs, **kwargs)
         return self._route_features(feature)
 
@@ -334,159 +250,108 @@ class MASSModel(nn.Module):
         return [self.tasks.index(n) for n in names]
 
     def _forced_routing(self, task_ids: TaskIds, batch: int, device) -> Routing:
-        if isinstance(task_ids, torch.Tensor):
-            ids = task_ids
-            if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
-                raise ValueError(f"task_ids must be a LongTensor (B,) or (B, K), got {ids.dtype} {tuple(ids.shape)}")
-            ids = ids.long().view(ids.shape[0], -1)
-            T = len(self.tasks)
-            bad = (ids < -1) | (ids >= T)
-            if bool(bad.any()):
-                raise ValueError(f"task_ids must lie in [-1, {T - 1}] (-1 = padding); got {ids[bad][:5].tolist()}")
-        else:
-            rows = [[r] if isinstance(r, str) else list(r) for r in task_ids]
-            width = max((len(r) for r in rows), default=1)
-            ids = torch.tensor([self.task_index(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
-        if ids.shape[0] != batch:
-            raise ValueError(f"task_ids names {ids.shape[0]} samples but the batch has {batch}")
-        ids = ids.to(device)
+        ids = forced_task_ids(task_ids, self.tasks, batch).to(device)
         valid = ids >= 0
         weights = valid.float() / valid.sum(1, keepdim=True).clamp_min(1)
         return Routing(task_ids=ids, weights=weights, residuals=None)
 
-    def _entries(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank entries and weights for the second pass. Rows that select several tasks under TSV-M
-        semantics (``topk``, or forced sets) use that set's cached TSV-M blocks (a host sync finds them)."""
+    def _entries(self, routing: Routing):
+        """Bank entries, weights and the set-cache generation (or None) for the second pass. Rows that select
+        several tasks under TSV-M semantics (``topk``, or forced sets) use that set's cached TSV-M blocks (a
+        host sync finds them)."""
         ids, weights = routing.task_ids, routing.weights
-        n_selected = (ids >= 0).sum(1)
         if self.router_config.mode == "weighted" and routing.residuals is not None:
-            return ids, weights
+            return ids, weights, None
+        n_selected = (ids >= 0).sum(1)
         if ids.shape[1] == 1 or not bool((n_selected > 1).any()):
-            return ids, (ids >= 0).to(weights.dtype)
-        rows = ids.tolist()
-        combos = {tuple(sorted(t for t in r if t >= 0)) for r in rows}
-        combos = {c for c in combos if len(c) > 1}
-        if len(self._combos) + len(combos) > self.max_cached_combos:
-            self._reset_combos()
-        for combo in combos:
-            self._add_combo(combo)
-        entries = []
-        for r in rows:
-            sel = tuple(sorted(t for t in r if t >= 0))
-            ent = self._combos[sel] if len(sel) > 1 else list(sel)
-            entries.append(ent + [-1] * (ids.shape[1] - len(ent)))
-        entries = torch.tensor(entries, dtype=torch.long, device=ids.device)
-        return entries, (entries >= 0).to(weights.dtype)
+            return ids, (ids >= 0).to(weights.dtype), None
+        rows = [tuple(sorted(t for t in r if t >= 0)) for r in ids.tolist()]
+        generation = self.banks.combos.resolve({c for c in rows if len(c) > 1})
+        width = ids.shape[1]
+        entries = [(generation.entries[c] if len(c) > 1 else list(c)) for c in rows]
+        entries = torch.tensor([e + [-1] * (width - len(e)) for e in entries], dtype=torch.long, device=ids.device)
+        return entries, (entries >= 0).to(weights.dtype), generation
 
-    @torch.no_grad()
-    def _add_combo(self, combo: tuple):
-        if combo in self._combos:
-            return
-        idx = torch.tensor(combo, device=self.cls_delta.device)
-        m = len(combo)
-        start = None
-        for layer in self._bank_layers():
-            if isinstance(layer, MASSLinear):
-                start = self._append_lowrank(layer, idx, m)
-            else:
-                layer.set_weight_deltas(torch.cat([layer.task_weight, layer.task_weight[idx] / m]))
-            if layer.bias is not None:
-                layer.task_bias = torch.cat([layer.task_bias, layer.task_bias[idx] / m])
-        self.cls_delta = torch.cat([self.cls_delta, self.cls_delta[idx] / m])
-        f = self._pos_factors
-        Uo, So, Vo = tsv_factors(f.U[idx.cpu()], f.S[idx.cpu()], f.V[idx.cpu()])
-        k = f.rank
-        slots = [(Uo[:, j * k:(j + 1) * k] * So[j * k:(j + 1) * k]) @ Vo[j * k:(j + 1) * k] for j in range(m)]
-        self.pos_delta = torch.cat([self.pos_delta, torch.stack(slots).to(self.pos_delta)])
-        self._combos[combo] = list(range(start, start + m))
-
-    @staticmethod
-    def _append_lowrank(layer: MASSLinear, idx: torch.Tensor, m: int) -> int:
-        start, k = layer.task_S.shape
-        Uo, So, Vo = tsv_factors(layer.task_U[idx], layer.task_S[idx], layer.task_V[idx])
-        like = layer.task_U
-        U_new = Uo.reshape(Uo.shape[0], m, k).permute(1, 0, 2)
-        layer.set_factors(torch.cat([layer.task_U, U_new.to(like)]), torch.cat([layer.task_S, So.view(m, k).to(like)]),
-                          torch.cat([layer.task_V, Vo.view(m, k, -1).to(like)]))
-        return start
-
-    def _reset_combos(self):
-        T = len(self.tasks)
-        for layer in self._bank_layers():
-            if isinstance(layer, MASSLinear):
-                layer.set_factors(layer.task_U[:T], layer.task_S[:T], layer.task_V[:T])
-            else:
-                layer.set_weight_deltas(layer.task_weight[:T])
-            if layer.bias is not None:
-                layer.task_bias = layer.task_bias[:T]
-        self.cls_delta, self.pos_delta = self.cls_delta[:T], self.pos_delta[:T]
-        self._combos.clear()
-
-    @contextlib.contextmanager
-    def _replay_prefix(self, block_output):
-        """Blocks ≤ L return the first pass's block-L output: the second pass starts at block L+1."""
-        blocks = self.arch.blocks[: self.routing_layer + 1]
-        for blk in blocks:
-            blk.forward = lambda *a, **k: block_output
-        try:
-            yield
-        finally:
-            for blk in blocks:
-                del blk.forward
-
-    @torch.no_grad()
-    def forward(self, *inputs, task_ids: Optional[TaskIds] = None, return_routing: bool = False, **kwargs):
-        """Two passes: route (unless ``task_ids`` forces tasks), then one batched task-conditioned forward."""
-        block_output = None
-        if task_ids is None:
-            feature, block_output = self._first_pass(*inputs, **kwargs)
-            routing = self._route_features(feature)
-        else:
-            batch, device = self._batch_of(inputs, kwargs)
-            routing = self._forced_routing(task_ids, batch, device)
-        entries, weights = self._entries(routing)
+    def _second_pass(self, inputs, kwargs, routing: Routing, block_output):
+        entries, weights, generation = self._entries(routing)
         order, segments = None, None
         if not entries.is_cuda:
             # CPU fast path: each entry's samples become one slice (order None: already in entry order)
             order, segments = group_rows(entries)
         if order is not None:
-            inputs, kwargs = _take(inputs, order, entries.shape[0]), _take(kwargs, order, entries.shape[0])
+            B = entries.shape[0]
+            inputs, kwargs = _take(inputs, order, B), _take(kwargs, order, B)
             entries, weights = entries[order], weights[order]
             if block_output is not None:
-                block_output = _take(block_output, order, entries.shape[0], self.arch.batch_axes[self.routing_layer])
-        replay = self._replay_prefix(block_output) if block_output is not None else contextlib.nullcontext()
-        with self.state.use("tasks", entries, weights, segments), replay:
-            out = self._call(*inputs, **kwargs)
+                block_output = _take(block_output, order, B, self.arch.batch_axes[self.routing_layer])
+        replay = None if block_output is None else (self.routing_layer, block_output)
+        with self.state.use("tasks", entries, weights, segments, extension=generation, replay=replay):
+            out = self.model(*inputs, **kwargs)
         if order is not None:
             out = _take(out, torch.argsort(order), entries.shape[0])
+        return out
+
+    @torch.no_grad()
+    def forward(self, *inputs, task_ids: Optional[TaskIds] = None, return_routing: bool = False, **kwargs):
+        """Two passes: route (unless ``task_ids`` forces tasks), then one batched task-conditioned forward.
+
+        ``task_ids``: a task name or index for the whole batch, one name / index / set (list) per sample, or an
+        integer tensor or array (B,) or (B, K) padded with -1. An empty batch gives an empty result."""
+        images = find_images(self, inputs, kwargs)
+        batch = images.shape[0]
+        if batch == 0:
+            routing = self._empty_routing(images, task_ids)
+            out = empty_like_output(self, inputs, kwargs)
+            return (out, routing) if return_routing else out
+        block_output = None
+        if task_ids is None:
+            feature, block_output = self._first_pass(*inputs, **kwargs)
+            routing = self._route_features(feature)
+        else:
+            routing = self._forced_routing(task_ids, batch, images.device)
+        out = self._second_pass(inputs, kwargs, routing, block_output)
         return (out, routing) if return_routing else out
 
-    @staticmethod
-    def _batch_of(inputs, kwargs):
-        for value in list(inputs) + list(kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                return value.shape[0], value.device
-        raise ValueError("cannot infer the batch size: pass the images as a tensor")
+    def _empty_routing(self, images: torch.Tensor, task_ids) -> Routing:
+        if task_ids is not None:
+            ids = forced_task_ids(task_ids, self.tasks, 0).to(images.device)
+            return Routing(ids, ids.new_zeros(ids.shape, dtype=torch.float32), None)
+        K, T, G = self.router_config.slots, len(self.tasks), len(self.routing_layers)
+        shape = (0, T) if G == 1 else (G, 0, T)
+        return Routing(torch.zeros(0, K, dtype=torch.long, device=images.device),
+                       torch.zeros(0, K, device=images.device), torch.zeros(shape, device=images.device))
 
     @torch.no_grad()
     def forward_merged(self, *inputs, **kwargs):
         """The TSV-M model alone (needs ``keep_merged='all'``)."""
-        with self.state.use("merged"):
-            return self._call(*inputs, **kwargs)
+        return self._single_pass("merged", inputs, kwargs)
 
     @torch.no_grad()
     def forward_pretrained(self, *inputs, **kwargs):
-        with self.state.use("base"):
-            return self._call(*inputs, **kwargs)
+        """The pretrained model θ0 alone."""
+        return self._single_pass("base", inputs, kwargs)
+
+    def _single_pass(self, mode: str, inputs: tuple, kwargs: dict):
+        if find_images(self, inputs, kwargs).shape[0] == 0:
+            return empty_like_output(self, inputs, kwargs, mode)
+        with self.state.use(mode):
+            return self.model(*inputs, **kwargs)
 
     # ------------------------------------------------------------------ heads
     @torch.no_grad()
     def classify(self, *inputs, logit_scale: float = 100.0, task_ids: Optional[TaskIds] = None, **kwargs):
-        """Logits of each sample's head; with several selected tasks, the head with the largest max-logit."""
+        """Logits of each sample's head; with several selected tasks, the head with the largest max-logit.
+        The routing is always returned, in ``Classification.routing``."""
         if self.heads is None:
             raise RuntimeError("this MASSModel has no heads: pass heads={task: (C, D) tensor} to merge()")
+        if "return_routing" in kwargs:
+            raise TypeError("classify() always returns the routing (in Classification.routing): drop return_routing")
         out, routing = self(*inputs, task_ids=task_ids, return_routing=True, **kwargs)
         emb = F.normalize(extract_embedding(out).float(), dim=-1)
+        width = self.head(self.tasks[0]).shape[1]
+        if emb.dim() != 2 or emb.shape[1] != width:
+            raise ValueError(f"the model's image embedding has shape {tuple(emb.shape)} but the heads take "
+                             f"(batch, {width}) embeddings")
         B = emb.shape[0]
         c_max = max(self.head(t).shape[0] for t in self.tasks)
         best_logits = emb.new_full((B, c_max), float("-inf"))
@@ -511,26 +376,7 @@ class MASSModel(nn.Module):
     # ------------------------------------------------------------------ storage
     def decomposition(self) -> TaskDecomposition:
         """What MASS stores (θ0, the tasks' factors, their whole non-matrix params), read back from the layers."""
-        T = len(self.tasks)
-        base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        dec = TaskDecomposition(tasks=list(self.tasks), base=base)
-        for _, layer, w_key, b_key in self._targets():
-            if isinstance(layer, MASSLinear):
-                factors = (layer.task_U, layer.task_S, layer.task_V)
-                dec.lowrank[w_key] = LowRankFactors(*(f[:T].clone(memory_format=torch.contiguous_format) for f in factors))
-            else:
-                dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
-            if layer.bias is not None:
-                dec.dense[b_key] = base[b_key].unsqueeze(0) + layer.task_bias[:T]
-        cls_key, pos_key = self.arch.token_keys["cls"], self.arch.token_keys["pos"]
-        dec.dense[cls_key] = base[cls_key].unsqueeze(0) + self.cls_delta[:T]
-        dec.lowrank[pos_key] = self._pos_factors
-        if self.proj is not None:
-            p = self.proj
-            dec.lowrank[self.arch.proj_key] = LowRankFactors(
-                p.task_V[:T].transpose(1, 2).contiguous(), p.task_S[:T].clone(), p.task_U[:T].transpose(1, 2).contiguous()
-            )
-        return dec
+        return read_decomposition(self.model, self.arch, self._layers, self.banks, self.tasks)
 
     def storage_factor(self) -> float:
         return self.decomposition().storage_factor()
@@ -542,9 +388,58 @@ class MASSModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, base_model: nn.Module, **overrides) -> "MASSModel":
+        """Load a saved model into ``base_model`` (wrapped in place). If loading fails, ``base_model`` is left
+        as it was: its weights are restored from a copy taken first (this costs one copy of them meanwhile)."""
         from .serialization import load_mass
 
-        return load_mass(directory, base_model, **overrides)
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be the pretrained nn.Module to load into, got "
+                            f"{type(base_model).__name__}")
+        detect(base_model)  # unsupported or already wrapped: refused before anything is loaded into it
+        saved = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        try:
+            return load_mass(directory, base_model, **overrides)
+        except BaseException:
+            with torch.no_grad():
+                for key, value in base_model.state_dict().items():
+                    value.copy_(saved[key])
+            raise
+
+
+def _fc1_key(arch: Architecture, layer: int) -> str:
+    suffix = "mlp.fc1.weight" if arch.kind == "hf" else "mlp.c_fc.weight"
+    return f"{arch.block_names[layer]}.{suffix}"
+
+
+def _install(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBanks, state: PassState) -> None:
+    """Touch the module: install the MASS layers, a gate per block, the token-delta hook and (open_clip) the
+    task-conditioned ``proj``. All persistent (nothing is installed per call). If a step
+    fails, the steps done so far are undone and the module is as it was."""
+    undo: list = []
+    try:
+        install_layers(model, layers, undo)
+        for i, block in enumerate(arch.blocks):
+            gate = BlockGate(block, state, i)
+            block.forward = gate
+            undo.append(lambda block=block, gate=gate: _restore_forward(block, gate.previous))
+        undo.append(arch.pre_norm.register_forward_pre_hook(TokenDeltas(state, banks)).remove)
+        if banks.proj is not None:
+            root, original = arch.root, type(arch.root)
+            root.__dict__["_mass_proj"] = ProjSwitch(state, banks.proj)
+            undo.append(lambda: root.__dict__.pop("_mass_proj", None))
+            root.__class__ = proj_class(original)
+            undo.append(lambda: setattr(root, "__class__", original))
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+
+
+def _restore_forward(block: nn.Module, previous) -> None:
+    if previous is None:
+        block.__dict__.pop("forward", None)
+    else:
+        block.forward = previous
 
 
 def merge(
@@ -557,9 +452,20 @@ def merge(
     keep_merged: str = "prefix",
     progress: bool = True,
 ) -> MASSModel:
-    """Decompose T fine-tuned checkpoints of ``pretrained`` and wrap it (in place) as a :class:`MASSModel`."""
+    """Decompose T fine-tuned checkpoints of ``pretrained`` and wrap it (in place) as a :class:`MASSModel`.
+    Everything that can be checked without the SVDs (model structure, router layers against the depth, heads
+    against the tasks and the embedding width, task names, options) is checked before they run."""
     if not isinstance(pretrained, nn.Module):
         raise TypeError("pretrained must be the pretrained nn.Module (its structure is wrapped in place)")
-    detect(pretrained)  # fail early on an unsupported model, before the SVDs
+    arch = detect(pretrained)  # unsupported or already wrapped
+    router = check_router(router)
+    router.resolved_layers(arch.n_blocks)
+    check_flags(reuse_prefix, keep_merged, 64)
+    if isinstance(finetuned, Mapping) and finetuned:
+        tasks = check_task_names(list(finetuned))
+        check_heads(heads, tasks, arch.output_dim)
+        for key, value in pretrained.state_dict().items():  # the rank fits every matrix
+            if value.is_floating_point() and value.dim() == 2:
+                resolve_rank(rank, tuple(value.shape), len(tasks), key)
     dec = decompose(pretrained, finetuned, rank=rank, progress=progress)
     return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)

@@ -1,9 +1,11 @@
 """The data-free projection router of MASS (MASS.md §3): residual of a feature against each task's subspace."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 _TOKENS = ("cls", "mean")
@@ -12,7 +14,37 @@ _FEATURES = ("merged", "pretrained")
 _NORMS = ("l2", "sv")
 
 
-@dataclass
+class RouterConfigTypeError(TypeError, ValueError):
+    """A RouterConfig field of the wrong type. Also a ValueError, so code that validates settings with
+    ``except ValueError`` (as it did before fields were type-checked) still catches it."""
+
+
+def _int(name: str, value, minimum: int) -> int:
+    """A plain int (numpy integers converted; bools and floats refused) of at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise RouterConfigTypeError(f"RouterConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"RouterConfig.{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(name: str, value) -> float:
+    """A plain finite float (ints and numpy scalars converted; bools refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RouterConfigTypeError(f"RouterConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"RouterConfig.{name} must be finite, got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices: tuple) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"RouterConfig.{name} must be one of {choices}, got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """How MASS routes. ``layer=None`` picks the paper's block (9 of 12, 20 of 24, else 3/4 of the depth).
 
@@ -20,12 +52,17 @@ class RouterConfig:
     whose weight exceeds ``threshold``, at most ``max_tasks``, argmax if none; the second pass applies TSV-M
     over the selected set), ``weighted`` (softmax of the scores / ``temperature``; the ``max_tasks`` largest
     weights are kept, renormalised, and the blocks are summed with those weights — our reading of the mode).
-    ``batch_level`` averages residuals over the batch and takes one decision for all samples.
+    ``batch_level`` averages residuals over the batch and takes one decision for all samples; samples whose
+    residuals are not finite (a NaN or Inf image) take no part in that average (see :func:`select_tasks`).
 
     Beyond the paper (defaults keep the paper's router): ``layers`` scores several blocks in the same first
     pass (one stacked kernel launch) and sums their per-block standardised scores; ``features="pretrained"``
     reads the routing features from θ0 instead of the TSV-M model; ``norm="sv"`` weights each basis direction
     by its singular value relative to the task's largest (``"l2"``: the plain residual).
+
+    Immutable and type-checked: every field holds a plain Python value (numpy scalars are converted, bools are
+    refused where a number is expected), ``layers`` is stored as a sorted tuple. Use
+    ``dataclasses.replace(config, field=value)`` for a changed copy.
     """
 
     layer: Optional[int] = None
@@ -35,32 +72,39 @@ class RouterConfig:
     max_tasks: int = 2
     temperature: float = 1.0
     batch_level: bool = False
-    layers: Optional[list] = None
+    layers: Optional[tuple] = None
     features: str = "merged"
     norm: str = "l2"
 
     def __post_init__(self):
-        if self.token not in _TOKENS:
-            raise ValueError(f"RouterConfig.token must be one of {_TOKENS}, got {self.token!r}")
-        if self.mode not in _MODES:
-            raise ValueError(f"RouterConfig.mode must be one of {_MODES}, got {self.mode!r}")
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            raise ValueError(f"RouterConfig.layer must be a block index >= 0, got {self.layer!r}")
-        if not isinstance(self.max_tasks, int) or self.max_tasks < 1:
-            raise ValueError(f"RouterConfig.max_tasks must be an int >= 1, got {self.max_tasks!r}")
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("token", _choice("token", self.token, _TOKENS))
+        set_("mode", _choice("mode", self.mode, _MODES))
+        set_("features", _choice("features", self.features, _FEATURES))
+        set_("norm", _choice("norm", self.norm, _NORMS))
+        if self.layer is not None:
+            set_("layer", _int("layer", self.layer, 0))
+        set_("max_tasks", _int("max_tasks", self.max_tasks, 1))
+        set_("temperature", _float("temperature", self.temperature))
         if not self.temperature > 0:
             raise ValueError(f"RouterConfig.temperature must be > 0, got {self.temperature!r}")
+        set_("threshold", _float("threshold", self.threshold))
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"RouterConfig.threshold must lie in [0, 1), got {self.threshold!r}")
-        if self.features not in _FEATURES:
-            raise ValueError(f"RouterConfig.features must be one of {_FEATURES}, got {self.features!r}")
-        if self.norm not in _NORMS:
-            raise ValueError(f"RouterConfig.norm must be one of {_NORMS}, got {self.norm!r}")
+        if not isinstance(self.batch_level, (bool, np.bool_)):
+            raise RouterConfigTypeError(f"RouterConfig.batch_level must be a bool, got "
+                                        f"{type(self.batch_level).__name__} {self.batch_level!r}")
+        set_("batch_level", bool(self.batch_level))
         if self.layers is not None:
-            layers = list(self.layers)
-            if not layers or any(not isinstance(l, int) or l < 0 for l in layers) or len(set(layers)) != len(layers):
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple, np.ndarray)):
+                raise RouterConfigTypeError(
+                    f"RouterConfig.layers must be a list or tuple of block indices, got {self.layers!r}")
+            layers = [_int("layers[]", l, 0) for l in self.layers]
+            if not layers or len(set(layers)) != len(layers):
                 raise ValueError(f"RouterConfig.layers must be distinct block indices >= 0, got {self.layers!r}")
-            self.layers = sorted(layers)
+            set_("layers", tuple(sorted(layers)))
 
     @property
     def slots(self) -> int:
@@ -90,13 +134,27 @@ def default_layer(n_blocks: int) -> int:
     return {12: 9, 24: 20}.get(n_blocks, int(0.75 * n_blocks))
 
 
-@dataclass
+def describe_tensor(t: Optional[torch.Tensor]) -> str:
+    """A one-line summary of a tensor for reprs (shape, dtype, device; values only when tiny)."""
+    if t is None:
+        return "None"
+    if 0 < t.numel() <= 8 and t.dim() <= 1 and t.device.type != "meta":
+        return f"tensor({t.tolist()}, dtype={t.dtype})"
+    return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+
+
+@dataclass(repr=False)
 class Routing:
-    """Per-sample routing: selected task ids (B, K) padded with -1, their weights (B, K), residuals (B, T)."""
+    """Per-sample routing: selected task ids (B, K) padded with -1, their weights (B, K), residuals (B, T)
+    (or (G, B, T) when several blocks are scored; None when tasks were forced)."""
 
     task_ids: torch.Tensor
     weights: torch.Tensor
     residuals: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        return (f"Routing(task_ids={describe_tensor(self.task_ids)}, weights={describe_tensor(self.weights)}, "
+                f"residuals={describe_tensor(self.residuals)})")
 
     def names(self, tasks: list[str]) -> list[list[str]]:
         return [[tasks[t] for t in row if t >= 0] for row in self.task_ids.tolist()]
@@ -112,12 +170,23 @@ def combine_scores(residuals: torch.Tensor) -> torch.Tensor:
     return z.sum(0)
 
 
+def batch_scores(scores: torch.Tensor) -> torch.Tensor:
+    """One decision for the batch: the mean scores over the samples whose scores are all finite, for every
+    sample. A sample with a non-finite score (a NaN or Inf image) takes no part, so it cannot reroute the rest;
+    if no sample is finite the plain mean is used (every output is then non-finite anyway). On the device."""
+    finite = torch.isfinite(scores).all(1, keepdim=True)
+    kept = torch.where(finite, scores, torch.zeros_like(scores)).sum(0, keepdim=True)
+    n = finite.sum(0, keepdim=True)
+    mean = torch.where(n > 0, kept / n.clamp_min(1), scores.mean(0, keepdim=True))
+    return mean.expand_as(scores)
+
+
 def select_tasks(residuals: torch.Tensor, config: RouterConfig) -> Routing:
     """Turn residual norms (B, T), or stacked per block (G, B, T), into a :class:`Routing` following
     ``config.mode``. Runs on the device."""
     scores = combine_scores(residuals)
     if config.batch_level:
-        scores = scores.mean(0, keepdim=True).expand_as(scores)
+        scores = batch_scores(scores)
     B, T = scores.shape
     K = min(config.slots, T)
     if config.mode == "top1" or T == 1:
