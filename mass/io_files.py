@@ -29,10 +29,15 @@ def _create_temp(path: Path) -> tuple[Path, int]:
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
-        return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
+        try:
+            os.close(fd)
+            return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
+        except BaseException:
+            _unlink_if_present(tmp)
+            raise
     raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
@@ -61,9 +66,13 @@ def atomic_write(path, write) -> None:
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_if_present(tmp)
         raise
     fsync_path(path.parent)
+
+
+def _unlink_if_present(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -43,14 +43,14 @@ CONFIG_FIELDS = {
 }
 V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
 ROUTER_FIELDS = {
-    "layer": ("null", "int"),
+    "layer": ("int", "null"),
     "token": ("string",),
     "mode": ("string",),
     "threshold": _NUMBER,
     "max_tasks": ("int",),
     "temperature": _NUMBER,
     "batch_level": ("bool",),
-    "layers": ("null", "list"),
+    "layers": ("list", "null"),
     "features": ("string",),
     "norm": ("string",),
 }
@@ -83,7 +83,7 @@ def _check_fields(obj: dict, spec: Mapping[str, tuple], where: str) -> None:
     for key, kinds in spec.items():
         kind = json_kind(obj[key])
         if kind not in kinds:
-            want = " or ".join(_KIND_WORDS[k] for k in kinds)
+            want = "a number" if kinds == _NUMBER else " or ".join(_KIND_WORDS[k] for k in kinds)
             raise SavedModelError(f"saved config: field {where + key!r} must be {want}, got {obj[key]!r} ({kind})")
 
 
