@@ -3,13 +3,14 @@
 Every case asserts its exact outcome: the error type and a message naming the problem, or the correct result.
 Saved models are forged with a valid checksum where a case must reach the validation behind the checksum.
 """
+import contextlib
 import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -93,21 +94,33 @@ def assert_same_artifact(artifact, reference):
     assert all(torch.equal(reference.head(t), heads[t]) for t in reference.tasks)
 
 
-def finishes(fn, timeout=20.0):
-    """Run ``fn`` in a daemon thread; return (finished, exception, value). A hang fails the test instead of
-    blocking the suite."""
-    result = {}
-
-    def target():
+_RELEASER = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+for _ in range(300):
+    for fifo in sys.argv[2:]:
         try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            result["exc"] = exc
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    time.sleep(0.1)
+"""
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return not thread.is_alive(), result.get("exc"), result.get("value")
+
+@contextlib.contextmanager
+def released_if_stuck(fifos, seconds=20.0):
+    """Yield a function telling whether the block ran in under ``seconds``. If the code under test blocks
+    opening one of ``fifos``, a helper process releases it after ``seconds`` (it opens each FIFO for writing and
+    closes it, so the reader sees end-of-file), so that a regression fails the test instead of hanging the
+    suite. A thread cannot do this: the blocked open may hold the GIL (safetensors' does)."""
+    helper = subprocess.Popen([sys.executable, "-c", _RELEASER, str(seconds), *map(str, fifos)]) if fifos else None
+    start = time.monotonic()
+    try:
+        yield lambda: time.monotonic() - start < seconds
+    finally:
+        if helper is not None:
+            helper.kill()
+            helper.wait()
 
 
 # ---------------------------------------------------------------------------------------------- saved configs
@@ -274,9 +287,10 @@ def test_saved_files_that_are_not_models(saved, tmp_path, case, message):
 def test_a_fifo_in_place_of_the_saved_file_is_refused_not_read(tmp_path):
     (tmp_path / "m").mkdir()
     os.mkfifo(tmp_path / "m" / MODEL_NAME)
-    done, exc, _ = finishes(lambda: read_saved(tmp_path / "m"))
-    assert done, "reading a FIFO hung"
-    assert isinstance(exc, SavedModelError) and "not a regular file" in str(exc)
+    with released_if_stuck([tmp_path / "m" / MODEL_NAME]) as in_time:
+        with pytest.raises(SavedModelError, match="not a regular file"):
+            read_saved(tmp_path / "m")
+    assert in_time(), "reading a FIFO blocked"
 
 
 # ---------------------------------------------------------------------------------------------- format 1
@@ -381,6 +395,8 @@ class Faults:
         def wrapper(*args, **kwargs):
             self.calls.append(name)
             if len(self.calls) - 1 == self.at:
+                if name == "save_file":  # interrupted half-way through writing its file
+                    Path(args[1]).write_bytes(b"partial")
                 raise KeyboardInterrupt(f"fault at step {self.at} ({name})")
             return fn(*args, **kwargs)
         return wrapper
@@ -540,19 +556,17 @@ def test_checkpoints_sharing_the_probed_tensors_but_not_all_are_distinct(ckpts):
 @pytest.mark.parametrize("where", ["file", "in_hf_dir", "pt"])
 def test_a_fifo_checkpoint_is_refused_without_hanging(ckpts, tmp_path, where):
     base, finetuned = ckpts
-    if where == "file":
-        path = tmp_path / "ft.safetensors"
-        os.mkfifo(path)
-    elif where == "pt":
-        path = tmp_path / "ft.pt"
-        os.mkfifo(path)
-    else:
-        path = tmp_path / "hf"
+    if where == "in_hf_dir":
+        path = fifo = tmp_path / "hf"
         path.mkdir()
-        os.mkfifo(path / "model.safetensors")
-    done, exc, _ = finishes(lambda: open_finetuned(base, {"a": finetuned["task0"], "fifo": path}))
-    assert done, "opening a FIFO checkpoint hung"
-    assert isinstance(exc, CheckpointError) and "'fifo'" in str(exc) and "not a regular file" in str(exc)
+        fifo = path / "model.safetensors"
+    else:
+        path = fifo = tmp_path / ("ft.safetensors" if where == "file" else "ft.pt")
+    os.mkfifo(fifo)
+    with released_if_stuck([fifo]) as in_time:
+        with pytest.raises(CheckpointError, match=r"'fifo'.* is not a regular file"):
+            open_finetuned(base, {"a": finetuned["task0"], "fifo": path})
+    assert in_time(), "opening a FIFO checkpoint blocked"
 
 
 def test_a_legacy_torch_save_state_dict_loads_weights_only(ckpts, tmp_path):
@@ -663,8 +677,9 @@ def test_cli_mistakes_end_with_one_error_line_and_exit_code_2(cli_root, tmp_path
     case = next(c[0] for c in CLI_CASES if c[1] is argv)
     _prepare(cli_root, tmp_path, case)
     sub = lambda s: s.replace("ROOT", str(cli_root)).replace("TMP", str(tmp_path))  # noqa: E731
-    done, exc, rc = finishes(lambda: main([sub(a) for a in argv]), timeout=120)
-    assert done and exc is None, exc
+    with released_if_stuck([p for p in tmp_path.rglob("*") if p.is_fifo()]) as in_time:
+        rc = main([sub(a) for a in argv])
+    assert in_time()
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 2, err
