@@ -13,6 +13,7 @@ Every refusal is a :class:`SavedModelError` naming the field or tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Mapping, Optional
@@ -160,7 +161,8 @@ def router_config(config: dict) -> RouterConfig:
 
 def config_of(model, dec: TaskDecomposition, has_heads: bool) -> dict:
     """The format-2 config describing ``model`` (not yet checked: :func:`check_config` does that)."""
-    router = {name: getattr(model.router_config, name) for name in ROUTER_FIELDS}
+    # Every field of the dataclass: one that ROUTER_FIELDS does not know is refused by the check, not dropped.
+    router = {f.name: getattr(model.router_config, f.name) for f in dataclasses.fields(model.router_config)}
     if isinstance(router["layers"], tuple):
         router["layers"] = list(router["layers"])
     return {
