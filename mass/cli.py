@@ -1,7 +1,8 @@
 """The ``mass`` command line: ``demo``, ``merge``, ``inspect``, ``bench``.
 
-User mistakes end with one ``mass: error: ...`` line and exit code 2, never a traceback
-(``MASS_DEBUG=1`` re-raises, for bug reports).
+User mistakes, bad arguments and file-system errors (a missing, unreadable or unwritable path) end with
+exactly one ``mass: error: ...`` line on stderr and exit code 2, never a traceback (``MASS_DEBUG=1``
+re-raises, for bug reports). ``main`` returns the exit code; it does not call ``sys.exit``.
 """
 from __future__ import annotations
 
@@ -9,16 +10,30 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, require_regular_file
 from .serialization import SavedModelError
 
-USER_ERRORS = (CheckpointError, SavedModelError, ValueError, FileNotFoundError, TypeError, NotImplementedError)
+USER_ERRORS = (CheckpointError, SavedModelError, ValueError, OSError, TypeError, NotImplementedError)
 
 
 class UserError(Exception):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error line (``mass: error: ...``) after the usage."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"mass: error: {_one_line(message)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
 
 
 def _parse_rank(text: str | None):
@@ -48,14 +63,34 @@ def _parse_finetuned(items: list[str]) -> dict[str, str]:
 def load_pretrained_hf(path: str):
     """An HF CLIP vision model from a local directory (config.json + weights), offline."""
     p = Path(path)
-    if not (p / "config.json").exists():
+    if not p.is_dir() or not os.path.lexists(p / "config.json"):
         raise UserError(f"--pretrained must be a HF model directory with config.json: {path}")
+    weights = [p / n for n in ("model.safetensors", "pytorch_model.bin") if os.path.lexists(p / n)]
+    if not weights:
+        raise UserError(f"--pretrained {path} has no weights (model.safetensors or pytorch_model.bin)")
+    for file in [p / "config.json", *weights]:
+        require_regular_file(file, "--pretrained")
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig.from_pretrained(str(p))
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    cls = CLIPVisionModelWithProjection if "WithProjection" in archs else CLIPVisionModel
-    return cls.from_pretrained(str(p), local_files_only=True).eval()
+    try:
+        config = CLIPVisionConfig.from_pretrained(str(p))
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        cls = CLIPVisionModelWithProjection if "WithProjection" in archs else CLIPVisionModel
+        return cls.from_pretrained(str(p), local_files_only=True).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors... for broken files
+        raise UserError(f"--pretrained {path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_out(path: str) -> None:
+    """Fail before the merge, not after it, when ``--out`` cannot become a directory we can write."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {path} exists and is not a directory")
+    existing = next(a for a in [p, *p.parents] if a.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: {existing} is not writable")
 
 
 def _load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: bool):
@@ -67,7 +102,11 @@ def _load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: 
 
     p = Path(path)
     if allow_pickle and p.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        require_regular_file(p, f"checkpoint {name!r}")
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {name!r}: cannot load {p} ({type(exc).__name__}: {exc})") from exc
         sd = obj.state_dict() if hasattr(obj, "state_dict") else obj
     else:
         src = open_checkpoint(name, p)
@@ -88,8 +127,9 @@ def cmd_merge(args) -> int:
     rank = _parse_rank(args.rank)
     router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features)
     for name, path in finetuned.items():
-        if not Path(path).exists():
+        if not os.path.lexists(path):
             raise UserError(f"checkpoint {name!r}: no such file {path}")
+    _check_out(args.out)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -107,7 +147,11 @@ def cmd_merge(args) -> int:
 def cmd_inspect(args) -> int:
     from .serialization import read_saved
 
-    config, dec, heads = read_saved(args.dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, dec, heads = read_saved(args.dir)
+    for warning in caught:
+        print(f"mass: warning: {_one_line(warning.message)}", file=sys.stderr)
     n = dec.stored_numel()
     T = len(dec.tasks)
     bytes_per = {"base": sum(v.numel() * v.element_size() for v in dec.base.values())}
@@ -146,7 +190,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mass", description="MASS: many fine-tuned CLIP vision encoders as one")
+    parser = _Parser(prog="mass", description="MASS: many fine-tuned CLIP vision encoders as one")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="offline multi-task benchmark: accuracy of MASS vs merges (main job)")
@@ -190,13 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already reported)
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         return args.func(args)
     except (UserError, *USER_ERRORS) as exc:
         if os.environ.get("MASS_DEBUG"):
             raise
-        print(f"mass: error: {exc}", file=sys.stderr)
+        print(f"mass: error: {_one_line(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mass: interrupted", file=sys.stderr)

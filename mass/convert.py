@@ -30,9 +30,15 @@ def is_openclip_state_dict(keys: Iterable[str]) -> bool:
 
 
 def _bare_openclip(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a parent prefix such as ``visual.`` and anything outside the vision tower."""
-    anchor = next(k for k in sd if k.endswith("conv1.weight"))
-    prefix = anchor[: -len("conv1.weight")]
+    """Drop a parent prefix such as ``visual.`` and anything outside the vision tower. A state dict holding
+    the tower twice (``visual.`` and ``ema.visual.``, say) is refused: which copy is meant is not ours to guess."""
+    prefixes = sorted(k[: -len("conv1.weight")] for k in sd if k.endswith("conv1.weight"))
+    prefixes = [p for p in prefixes if p == "" or p.endswith(".")]
+    if len(prefixes) != 1:
+        raise CheckpointError(
+            f"open_clip checkpoint holds {len(prefixes)} vision towers (prefixes {prefixes} before 'conv1.weight'); "
+            f"pass a state dict with exactly one")
+    prefix = prefixes[0]
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 

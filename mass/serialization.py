@@ -1,33 +1,55 @@
-"""``save_pretrained`` / ``from_pretrained``: a JSON config plus one safetensors file, no pickle.
+"""``save_pretrained`` / ``from_pretrained``: one safetensors file, written all or nothing, no pickle.
 
-Files are written under temporary names and renamed; the config (written last) records the SHA-256 of the
-tensor file, so a truncated or corrupted file is reported instead of loaded.
+Format 2 (written): ``<dir>/mass_model.safetensors`` holds the tensors, and its metadata holds the JSON config
+and a SHA-256 over the config text and every tensor (name, dtype, shape, bytes), so neither can change unseen.
+A save checks the config and tensors exactly as a load would, then writes a hidden temporary file in the same
+directory (mode from the umask), fsyncs it, renames it over ``mass_model.safetensors`` (the one commit point)
+and fsyncs the directory. Until that rename the previous model is untouched; after it the new one is complete.
+An interrupted save leaves at most a hidden ``.mass_model.safetensors.*.tmp`` file, which no load reads.
+
+Format 1 (read only): ``mass_config.json`` + ``mass_factors.safetensors`` with the tensors' SHA-256 in the
+config. It is still loaded, with the same strict checks, and a warning: its config is not covered by a
+checksum, so a reordered task list cannot be detected; saving it again upgrades it (and removes the old files).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import warnings
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from .decompose import LowRankFactors, TaskDecomposition
-from .router import RouterConfig
+from .io_files import atomic_write, fsync_path, regular_file_problem
+from .saved_format import (
+    SavedModelError, check_config, config_of, decomposition_from_tensors, decomposition_tensors, parse_config,
+    router_config,
+)
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "mass_config.json"
-TENSORS_NAME = "mass_factors.safetensors"
+__all__ = ["MODEL_NAME", "SavedModelError", "atomic_write", "load_mass", "read_saved", "save_mass"]
+
+MODEL_NAME = "mass_model.safetensors"
+LEGACY_CONFIG_NAME = "mass_config.json"  # format 1
+LEGACY_TENSORS_NAME = "mass_factors.safetensors"  # format 1
+_FILE_FORMAT = {"format": "mass", "format_version": "2"}
 
 
-class SavedModelError(ValueError):
-    """A saved MASS directory that cannot be loaded (missing, truncated, corrupted, or mismatched)."""
+# ---------------------------------------------------------------------------------------------- checksum
+def content_sha256(config_text: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the config text and every tensor's name, dtype, shape and bytes (in name order)."""
+    digest = hashlib.sha256(b"mass-format-2\0")
+    digest.update(config_text.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -35,108 +57,130 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp_name)`` then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def decomposition_tensors(dec: TaskDecomposition, heads: dict | None) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for key, value in dec.base.items():
-        tensors[f"base/{key}"] = value
-    for key, f in dec.lowrank.items():
-        tensors[f"lowrank/{key}/U"], tensors[f"lowrank/{key}/S"], tensors[f"lowrank/{key}/V"] = f.U, f.S, f.V
-    for key, value in dec.dense.items():
-        tensors[f"dense/{key}"] = value
-    for task, head in (heads or {}).items():
-        tensors[f"heads/{task}"] = head
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
+# ---------------------------------------------------------------------------------------------- save
 def save_mass(model, directory) -> None:
+    """Save ``model`` to ``directory`` all or nothing (see the module docstring)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     dec = model.decomposition()
     heads = None if model.heads is None else {t: model.head(t) for t in model.tasks}
+    config = config_of(model, dec, heads is not None)
     tensors = decomposition_tensors(dec, heads)
-    tensor_path = directory / TENSORS_NAME
-    atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "mass", "version": "1"}))
-    config = {
-        "format_version": FORMAT_VERSION,
-        "architecture": model.arch.kind,
-        "model_class": type(model.model).__name__,
-        "tasks": list(model.tasks),
-        "ranks": model.ranks,
-        "router": dataclasses.asdict(model.router_config),
-        "reuse_prefix": model.reuse_prefix,
-        "keep_merged": model.keep_merged,
-        "has_heads": heads is not None,
-        "storage_factor": dec.storage_factor(),
-        "tensors_sha256": _sha256(tensor_path),
-    }
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    try:  # the checks a load applies, before anything is written
+        check_config(config)
+        text = json.dumps(config, indent=1, allow_nan=False)
+        decomposition_from_tensors(parse_config(text), tensors)
+    except SavedModelError as exc:
+        raise ValueError(f"cannot save this model: {exc}") from exc
+    metadata = {**_FILE_FORMAT, "config": text, "sha256": content_sha256(text, tensors)}
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save to {directory}: it exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / MODEL_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # Committed. Format-1 files of an earlier save are now shadowed by the new file; remove them.
+    removed = False
+    for name in (LEGACY_CONFIG_NAME, LEGACY_TENSORS_NAME):
+        if (directory / name).is_file():
+            os.unlink(directory / name)
+            removed = True
+    if removed:
+        fsync_path(directory)
 
 
-def read_saved(directory) -> tuple[dict, TaskDecomposition, dict | None]:
-    """Config, decomposition and heads of a saved MASS directory, after checking its integrity."""
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------------------------------------- load
+def _require_file(path: Path) -> None:
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise SavedModelError(f"cannot load the saved model: {problem}")
 
-    directory = Path(directory)
-    config_path, tensor_path = directory / CONFIG_NAME, directory / TENSORS_NAME
-    if not config_path.exists() or not tensor_path.exists():
-        raise SavedModelError(f"{directory} is not a saved MASS model (needs {CONFIG_NAME} and {TENSORS_NAME})")
+
+def _read_tensors(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file; anything unreadable is reported as corruption."""
+    from safetensors import safe_open
+
+    _require_file(path)
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SavedModelError(f"{config_path} is not valid JSON ({exc}); the save may have been interrupted") from exc
-    if config.get("format_version") != FORMAT_VERSION:
-        raise SavedModelError(f"{config_path}: unsupported format version {config.get('format_version')!r}")
-    if _sha256(tensor_path) != config.get("tensors_sha256"):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise SavedModelError(f"{path} is truncated or corrupted (cannot read it: {exc})") from exc
+    return metadata, tensors
+
+
+def _read_v2(path: Path):
+    metadata, tensors = _read_tensors(path)
+    if metadata.get("format") != "mass":
+        raise SavedModelError(f"{path} is not a MASS model file (its metadata has no 'format': 'mass')")
+    if metadata.get("format_version") != _FILE_FORMAT["format_version"]:
+        raise SavedModelError(f"{path}: unsupported format_version {metadata.get('format_version')!r} "
+                              f"(this mass writes and reads 2, and reads 1): upgrade mass")
+    text, digest = metadata.get("config"), metadata.get("sha256")
+    if text is None or digest is None:
+        raise SavedModelError(f"{path} is truncated or corrupted (its metadata lacks the config or checksum)")
+    if content_sha256(text, tensors) != digest:
+        raise SavedModelError(f"{path} is truncated or corrupted (its SHA-256 differs from the saved one)")
+    config = check_config(parse_config(text))
+    if config["format_version"] != 2:
+        raise SavedModelError(f"{path}: the config says format_version {config['format_version']}, the file is 2")
+    return config, *decomposition_from_tensors(config, tensors)
+
+
+def _read_v1(directory: Path):
+    config_path, tensor_path = directory / LEGACY_CONFIG_NAME, directory / LEGACY_TENSORS_NAME
+    _require_file(config_path)
+    _require_file(tensor_path)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SavedModelError(f"cannot read {config_path}: {exc}") from exc
+    config = check_config(parse_config(text))
+    if config["format_version"] != 1:
+        raise SavedModelError(f"{config_path}: format_version {config['format_version']} is written as "
+                              f"{MODEL_NAME}, not {LEGACY_CONFIG_NAME}")
+    if _file_sha256(tensor_path) != config["tensors_sha256"]:
         raise SavedModelError(f"{tensor_path} is truncated or corrupted (its SHA-256 differs from the saved one)")
-    try:
-        tensors = load_file(str(tensor_path))
-    except Exception as exc:
-        raise SavedModelError(f"cannot read {tensor_path}: {exc}") from exc
-    base, lowrank_parts, dense, heads = {}, {}, {}, {}
-    for name, value in tensors.items():
-        kind, _, rest = name.partition("/")
-        if kind == "base":
-            base[rest] = value
-        elif kind == "lowrank":
-            key, _, part = rest.rpartition("/")
-            lowrank_parts.setdefault(key, {})[part] = value
-        elif kind == "dense":
-            dense[rest] = value
-        elif kind == "heads":
-            heads[rest] = value
-    lowrank = {k: LowRankFactors(p["U"], p["S"], p["V"]) for k, p in lowrank_parts.items()}
-    dec = TaskDecomposition(tasks=config["tasks"], base=base, lowrank=lowrank, dense=dense)
-    return config, dec, (heads if config.get("has_heads") else None)
+    _, tensors = _read_tensors(tensor_path)
+    dec, heads = decomposition_from_tensors(config, tensors)
+    warnings.warn(f"{directory} is a format-1 MASS model: its config is not covered by a checksum. "
+                  f"Load it and call save_pretrained again to upgrade it to format 2.", UserWarning, stacklevel=3)
+    return config, dec, heads
+
+
+def read_saved(directory) -> tuple:
+    """(config, decomposition, heads or None) of a saved MASS directory, after checking all of it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SavedModelError(f"{directory} is not a saved MASS model (not a directory)")
+    if os.path.lexists(directory / MODEL_NAME):
+        return _read_v2(directory / MODEL_NAME)
+    if os.path.lexists(directory / LEGACY_CONFIG_NAME):
+        return _read_v1(directory)
+    raise SavedModelError(f"{directory} is not a saved MASS model (it has no {MODEL_NAME})")
 
 
 def load_mass(directory, base_model: nn.Module, **overrides):
+    """A :class:`~mass.model.MASSModel` from a saved directory, built on ``base_model`` (whose weights are
+    replaced by the saved θ0, and restored if anything fails)."""
     from .model import MASSModel
 
+    if not isinstance(base_model, nn.Module):
+        raise TypeError(f"base_model must be an nn.Module of the saved architecture, got {type(base_model).__name__}")
     config, dec, heads = read_saved(directory)
-    try:
-        base_model.load_state_dict(dec.base, strict=True)
-    except RuntimeError as exc:
-        raise SavedModelError(f"base_model does not match the saved model's architecture: {exc}") from exc
-    kwargs = {
-        "router": RouterConfig(**config["router"]),
-        "heads": heads,
-        "reuse_prefix": config["reuse_prefix"],
-        "keep_merged": config["keep_merged"],
-    }
+    kwargs = {"router": router_config(config), "heads": heads, "reuse_prefix": config["reuse_prefix"],
+              "keep_merged": config["keep_merged"]}
     kwargs.update(overrides)
-    return MASSModel(base_model, dec, **kwargs)
+    previous = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    try:
+        try:
+            base_model.load_state_dict(dec.base, strict=True)
+        except RuntimeError as exc:
+            raise SavedModelError(f"base_model does not match the saved model's architecture: {exc}") from exc
+        return MASSModel(base_model, dec, **kwargs)
+    except BaseException:
+        try:
+            base_model.load_state_dict(previous, strict=True)
+        except Exception:  # a half-wrapped module cannot take its old state back; the first error matters
+            pass
+        raise

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import mass
 from mass.model import extract_embedding
-from mass.serialization import CONFIG_NAME, TENSORS_NAME
+from mass.serialization import MODEL_NAME
 
 from conftest import build_model, make_setup
 
@@ -34,7 +34,7 @@ def test_save_load_bit_exact(tmp_path, images, arch):
     before = extract_embedding(model(images, task_ids=forced))
     routed, routing = model(images, return_routing=True)
     model.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [CONFIG_NAME, TENSORS_NAME]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [MODEL_NAME]
     loaded = mass.MASSModel.from_pretrained(tmp_path / "saved", base_model=build_model(arch, seed=123))
     assert loaded.tasks == model.tasks and loaded.router_config == model.router_config
     a, b = model.decomposition(), loaded.decomposition()
@@ -56,19 +56,17 @@ def test_save_load_bit_exact(tmp_path, images, arch):
 def test_corrupted_and_truncated_files_are_reported(tmp_path):
     model = _model()
     model.save_pretrained(tmp_path / "m")
-    tensors = tmp_path / "m" / TENSORS_NAME
-    data = tensors.read_bytes()
-    tensors.write_bytes(data[: len(data) // 2])
+    path = tmp_path / "m" / MODEL_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
     with pytest.raises(mass.SavedModelError, match="truncated or corrupted"):
         mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf"))
-    flipped = bytearray(data)
-    flipped[-5] ^= 0xFF
-    tensors.write_bytes(bytes(flipped))
-    with pytest.raises(mass.SavedModelError, match="truncated or corrupted"):
-        mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf"))
-    (tmp_path / "m" / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(mass.SavedModelError, match="not valid JSON"):
-        mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf"))
+    for offset in (-5, data.index(b"reuse_prefix")):  # a tensor byte, then a byte of the config (in the header)
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(mass.SavedModelError, match="truncated or corrupted"):
+            mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf"))
     with pytest.raises(mass.SavedModelError, match="not a saved MASS model"):
         mass.MASSModel.from_pretrained(tmp_path / "empty", base_model=build_model("hf"))
 
@@ -78,8 +76,8 @@ def test_interrupted_save_keeps_previous_files_and_leaves_no_temp(tmp_path, monk
     model.save_pretrained(tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
 
-    def explode(*args, **kwargs):
-        Path(args[1]).write_bytes(b"partial")
+    def explode(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr("safetensors.torch.save_file", explode)

@@ -1,0 +1,270 @@
+"""What a saved MASS model holds, and the strict check a save and a load both apply to it.
+
+A saved model is a JSON config plus named tensors (``base/<key>``, ``lowrank/<key>/{U,S,V}``, ``dense/<key>``,
+``heads/<task>``). The check is the same on both sides, so a save writes only what a load accepts:
+
+- the config: every field has exactly one JSON type (``true`` is not an int, ``"false"`` is not a bool, NaN and
+  Infinity are not numbers), unknown and missing fields are refused, values are range-checked (the router's
+  through :class:`~mass.router.RouterConfig`);
+- the tensors against the config: the task count of every stacked tensor, the ranks, the shapes against the
+  pretrained weights, one head per task when heads are saved, every floating value finite.
+
+Every refusal is a :class:`SavedModelError` naming the field or tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Mapping, Optional
+
+import torch
+
+from .decompose import LowRankFactors, TaskDecomposition
+from .router import RouterConfig
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ARCHITECTURES = ("hf", "open_clip")
+KEEP_MERGED = ("prefix", "all")
+
+# Allowed JSON kinds per field (see json_kind).
+_NUMBER = ("int", "number")
+CONFIG_FIELDS = {
+    "format_version": ("int",),
+    "architecture": ("string",),
+    "model_class": ("string",),
+    "tasks": ("list",),
+    "ranks": ("object",),
+    "router": ("object",),
+    "reuse_prefix": ("bool",),
+    "keep_merged": ("string",),
+    "has_heads": ("bool",),
+    "storage_factor": _NUMBER,
+}
+V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
+ROUTER_FIELDS = {
+    "layer": ("int", "null"),
+    "token": ("string",),
+    "mode": ("string",),
+    "threshold": _NUMBER,
+    "max_tasks": ("int",),
+    "temperature": _NUMBER,
+    "batch_level": ("bool",),
+    "layers": ("list", "null"),
+    "features": ("string",),
+    "norm": ("string",),
+}
+# Router fields added while format 1 was current; a format-1 config without them ran with these values.
+ROUTER_V1_DEFAULTS = {"layers": None, "features": "merged", "norm": "l2"}
+_KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
+               "list": "a list", "object": "an object"}
+_TENSOR_KINDS = ("base", "lowrank", "dense", "heads")
+
+
+class SavedModelError(ValueError):
+    """A saved MASS model that cannot be written or loaded: missing, truncated, corrupted, or invalid."""
+
+
+def json_kind(value) -> str:
+    """The JSON kind of a Python value, exactly: subclasses (numpy scalars, bool as int) get their own name."""
+    kinds = {type(None): "null", bool: "bool", int: "int", str: "string", list: "list", dict: "object"}
+    if type(value) is float:
+        return "number" if math.isfinite(value) else f"non-finite number {value}"
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _check_fields(obj: dict, spec: Mapping[str, tuple], where: str) -> None:
+    unknown = sorted(k for k in obj if k not in spec)
+    if unknown:
+        raise SavedModelError(f"saved config: unknown field(s) {', '.join(repr(where + k) for k in unknown)}")
+    missing = [k for k in spec if k not in obj]
+    if missing:
+        raise SavedModelError(f"saved config: missing field(s) {', '.join(repr(where + k) for k in missing)}")
+    for key, kinds in spec.items():
+        kind = json_kind(obj[key])
+        if kind not in kinds:
+            want = "a number" if kinds == _NUMBER else " or ".join(_KIND_WORDS[k] for k in kinds)
+            raise SavedModelError(f"saved config: field {where + key!r} must be {want}, got {obj[key]!r} ({kind})")
+
+
+def _field_error(field: str, problem: str) -> SavedModelError:
+    return SavedModelError(f"saved config: field {field!r} {problem}")
+
+
+def parse_config(text: str) -> dict:
+    """JSON text → dict, refusing NaN/Infinity and duplicate keys (json.loads accepts both silently)."""
+    def no_constant(name):
+        raise SavedModelError(f"saved config: {name} is not a JSON number")
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise SavedModelError(f"saved config: duplicate field(s) {dup}")
+        return dict(pairs)
+
+    try:
+        config = json.loads(text, parse_constant=no_constant, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise SavedModelError(f"saved config is not valid JSON ({exc}); the file may be corrupted") from exc
+    if not isinstance(config, dict):
+        raise SavedModelError(f"saved config must be a JSON object, got {json_kind(config)}")
+    return config
+
+
+def check_config(config: dict) -> dict:
+    """The config, strictly checked (a normalised copy: format-1 router defaults filled in)."""
+    if not isinstance(config, dict):
+        raise SavedModelError(f"saved config must be a JSON object, got {json_kind(config)}")
+    version = config.get("format_version")
+    if json_kind(version) != "int" or version not in READABLE_VERSIONS:
+        raise SavedModelError(
+            f"saved config: unsupported format_version {version!r}: this version of mass reads formats "
+            f"{list(READABLE_VERSIONS)} (a newer mass may have written it: upgrade mass)")
+    config = dict(config)
+    router = config.get("router")
+    if version == 1 and isinstance(router, dict):
+        config["router"] = {**ROUTER_V1_DEFAULTS, **router}
+    _check_fields(config, {**CONFIG_FIELDS, **(V1_ONLY_FIELDS if version == 1 else {})}, "")
+    if config["architecture"] not in ARCHITECTURES:
+        raise _field_error("architecture", f"must be one of {ARCHITECTURES}, got {config['architecture']!r}")
+    if not config["model_class"]:
+        raise _field_error("model_class", "must not be empty")
+    tasks = config["tasks"]
+    if not tasks or any(json_kind(t) != "string" or not t for t in tasks):
+        raise _field_error("tasks", f"must be a non-empty list of non-empty strings, got {tasks!r}")
+    if len(set(tasks)) != len(tasks):
+        raise _field_error("tasks", f"names a task twice: {tasks!r}")
+    for key, rank in config["ranks"].items():
+        if json_kind(rank) != "int" or rank < 1:
+            raise _field_error(f"ranks.{key}", f"must be an int >= 1, got {rank!r}")
+    if config["keep_merged"] not in KEEP_MERGED:
+        raise _field_error("keep_merged", f"must be one of {KEEP_MERGED}, got {config['keep_merged']!r}")
+    if not config["storage_factor"] >= 1:
+        raise _field_error("storage_factor", f"must be >= 1, got {config['storage_factor']!r}")
+    router_config(config)
+    return config
+
+
+def router_config(config: dict) -> RouterConfig:
+    """The :class:`RouterConfig` a checked config describes (JSON types checked here, values by RouterConfig)."""
+    router = config["router"]
+    _check_fields(router, ROUTER_FIELDS, "router.")
+    if router["layers"] is not None and any(json_kind(v) != "int" for v in router["layers"]):
+        raise _field_error("router.layers", f"must be a list of ints, got {router['layers']!r}")
+    try:
+        return RouterConfig(**router)
+    except (TypeError, ValueError) as exc:
+        raise SavedModelError(f"saved config: field 'router' is invalid: {exc}") from exc
+
+
+def config_of(model, dec: TaskDecomposition, has_heads: bool) -> dict:
+    """The format-2 config describing ``model`` (not yet checked: :func:`check_config` does that)."""
+    # Every field of the dataclass: one that ROUTER_FIELDS does not know is refused by the check, not dropped.
+    router = {f.name: getattr(model.router_config, f.name) for f in dataclasses.fields(model.router_config)}
+    if isinstance(router["layers"], tuple):
+        router["layers"] = list(router["layers"])
+    return {
+        "format_version": FORMAT_VERSION,
+        "architecture": model.arch.kind,
+        "model_class": type(model.model).__name__,
+        "tasks": list(model.tasks),
+        "ranks": dict(model.ranks),
+        "router": router,
+        "reuse_prefix": model.reuse_prefix,
+        "keep_merged": model.keep_merged,
+        "has_heads": has_heads,
+        "storage_factor": dec.storage_factor(),
+    }
+
+
+def decomposition_tensors(dec: TaskDecomposition, heads: Optional[Mapping[str, torch.Tensor]]) -> dict:
+    """The named tensors of the saved format (contiguous CPU copies)."""
+    tensors = {}
+    for key, value in dec.base.items():
+        tensors[f"base/{key}"] = value
+    for key, f in dec.lowrank.items():
+        tensors[f"lowrank/{key}/U"], tensors[f"lowrank/{key}/S"], tensors[f"lowrank/{key}/V"] = f.U, f.S, f.V
+    for key, value in dec.dense.items():
+        tensors[f"dense/{key}"] = value
+    for task, head in (heads or {}).items():
+        tensors[f"heads/{task}"] = head
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _split_names(tensors: Mapping[str, torch.Tensor]):
+    base, parts, dense, heads = {}, {}, {}, {}
+    for name, value in tensors.items():
+        kind, _, rest = name.partition("/")
+        if kind not in _TENSOR_KINDS or not rest:
+            raise SavedModelError(f"saved tensors: unexpected tensor {name!r} (not base/, lowrank/, dense/, heads/)")
+        if kind == "lowrank":
+            key, _, part = rest.rpartition("/")
+            if part not in ("U", "S", "V") or not key:
+                raise SavedModelError(f"saved tensors: unexpected tensor {name!r} (low-rank parts are U, S, V)")
+            parts.setdefault(key, {})[part] = value
+        else:
+            {"base": base, "dense": dense, "heads": heads}[kind][rest] = value
+    return base, parts, dense, heads
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise SavedModelError(f"saved tensors: {name!r} contains NaN or Inf")
+
+
+def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]):
+    """(TaskDecomposition, heads or None) from a checked config and the saved tensors, after checking that
+    they agree: every stacked tensor holds ``len(tasks)`` entries, ranks and shapes match, one head per task."""
+    base, parts, dense, heads = _split_names(tensors)
+    T = len(config["tasks"])
+    if not base:
+        raise SavedModelError("saved tensors: no pretrained weights (base/...)")
+    if not parts:
+        raise SavedModelError("saved tensors: no low-rank factors (lowrank/...)")
+    lowrank = {}
+    for key, p in parts.items():
+        missing = [x for x in "USV" if x not in p]
+        if missing:
+            raise SavedModelError(f"saved tensors: lowrank/{key} lacks part(s) {missing}")
+        U, S, V = p["U"], p["S"], p["V"]
+        if key not in base or base[key].dim() != 2:
+            raise SavedModelError(f"saved tensors: lowrank/{key} has no 2-D pretrained weight base/{key}")
+        out, inp = base[key].shape
+        k = config["ranks"].get(key)
+        if k is None:
+            raise _field_error("ranks", f"lacks the matrix {key!r} that the tensors hold")
+        want = {"U": (T, out, k), "S": (T, k), "V": (T, k, inp)}
+        for part, value in (("U", U), ("S", S), ("V", V)):
+            if tuple(value.shape) != want[part] or not value.is_floating_point():
+                raise SavedModelError(
+                    f"saved tensors: lowrank/{key}/{part} has shape {tuple(value.shape)} ({value.dtype}), expected "
+                    f"a floating tensor of shape {want[part]} (tasks={T}, rank={k}, weight {tuple(base[key].shape)})")
+        lowrank[key] = LowRankFactors(U, S, V)
+    extra_ranks = sorted(set(config["ranks"]) - set(lowrank))
+    if extra_ranks:
+        raise _field_error("ranks", f"names matrices the tensors do not hold: {extra_ranks[:5]}")
+    for key, value in dense.items():
+        if key in lowrank or key not in base:
+            raise SavedModelError(f"saved tensors: dense/{key} has no pretrained counterpart or is also low-rank")
+        want = (T, *base[key].shape)
+        if tuple(value.shape) != want or not value.is_floating_point():
+            raise SavedModelError(
+                f"saved tensors: dense/{key} has shape {tuple(value.shape)} ({value.dtype}), expected {want}")
+    if config["has_heads"]:
+        if set(heads) != set(config["tasks"]):
+            raise _field_error("tasks", f"does not match the saved heads {sorted(heads)}")
+        for task, head in heads.items():
+            if head.dim() != 2 or not head.is_floating_point():
+                raise SavedModelError(f"saved tensors: heads/{task} must be a 2-D floating tensor, "
+                                      f"got {tuple(head.shape)} {head.dtype}")
+    elif heads:
+        raise _field_error("has_heads", f"is false but the tensors hold heads {sorted(heads)[:5]}")
+    _check_finite(tensors)
+    dec = TaskDecomposition(tasks=list(config["tasks"]), base=base, lowrank=lowrank, dense=dense)
+    if dec.storage_factor() != config["storage_factor"]:
+        raise _field_error("storage_factor", f"is {config['storage_factor']!r} but the tensors give "
+                                             f"{dec.storage_factor()!r}")
+    return dec, ({t: heads[t] for t in config["tasks"]} if config["has_heads"] else None)

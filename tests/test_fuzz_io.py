@@ -1,0 +1,741 @@
+"""Fuzz cases for the I/O side (issue 15): saved models, checkpoints, the CLI, and interrupted saves.
+
+Every case asserts its exact outcome: the error type and a message naming the problem, or the correct result.
+Saved models are forged with a valid checksum where a case must reach the validation behind the checksum.
+"""
+import contextlib
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mass
+from mass.checkpoints import CheckpointError, open_finetuned
+from mass.cli import main
+from mass.convert import openclip_to_hf
+from mass.saved_format import SavedModelError, router_config
+from mass.serialization import LEGACY_CONFIG_NAME, LEGACY_TENSORS_NAME, MODEL_NAME, content_sha256, read_saved
+
+from conftest import build_model, make_setup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def model():
+    pretrained, finetuned, _ = make_setup("hf")
+    gen = torch.Generator().manual_seed(7)
+    heads = {f"task{i}": torch.randn(3 + i, 32, generator=gen) for i in range(3)}
+    return mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=2, threshold=0.1), heads=heads,
+                      progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    """(config dict, tensors) of the saved model, and its directory (never modified: copy it)."""
+    directory = tmp_path_factory.mktemp("saved") / "m"
+    model.save_pretrained(directory)
+    with safe_open(str(directory / MODEL_NAME), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return config, tensors, directory
+
+
+def forge(directory: Path, config, tensors, checksum=True) -> Path:
+    """A format-2 file with ``config`` (dict or raw text) and a valid checksum (unless told otherwise)."""
+    text = config if isinstance(config, str) else json.dumps(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = content_sha256(text, tensors) if checksum else "0" * 64
+    save_file(tensors, str(directory / MODEL_NAME),
+              metadata={"format": "mass", "format_version": "2", "config": text, "sha256": digest})
+    return directory
+
+
+def forge_v1(directory: Path, config: dict, tensors) -> Path:
+    """A directory as format 1 wrote it: config JSON beside the tensors, the tensors' SHA-256 in the config."""
+    import hashlib
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / LEGACY_TENSORS_NAME), metadata={"format": "mass", "version": "1"})
+    digest = hashlib.sha256((directory / LEGACY_TENSORS_NAME).read_bytes()).hexdigest()
+    v1 = {**config, "format_version": 1, "tensors_sha256": digest}
+    (directory / LEGACY_CONFIG_NAME).write_text(json.dumps(v1))
+    return directory
+
+
+def assert_same_model(loaded, reference):
+    """Bit-exact: config, every stored tensor, heads."""
+    assert loaded.tasks == reference.tasks and loaded.router_config == reference.router_config
+    assert_same_artifact((loaded.decomposition(), {t: loaded.head(t) for t in loaded.tasks}), reference)
+
+
+def assert_same_artifact(artifact, reference):
+    """A (decomposition, heads) pair equal bit for bit to what ``reference`` stores."""
+    b, heads = artifact
+    a = reference.decomposition()
+    assert b.tasks == reference.tasks
+    assert a.base.keys() == b.base.keys() and a.lowrank.keys() == b.lowrank.keys() and a.dense.keys() == b.dense.keys()
+    assert all(torch.equal(a.base[k], b.base[k]) for k in a.base)
+    assert all(torch.equal(getattr(a.lowrank[k], p), getattr(b.lowrank[k], p)) for k in a.lowrank for p in "USV")
+    assert all(torch.equal(a.dense[k], b.dense[k]) for k in a.dense)
+    assert all(torch.equal(reference.head(t), heads[t]) for t in reference.tasks)
+
+
+_RELEASER = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+for _ in range(300):
+    for fifo in sys.argv[2:]:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    time.sleep(0.1)
+"""
+
+
+@contextlib.contextmanager
+def released_if_stuck(fifos, seconds=20.0):
+    """Yield a function telling whether the block ran in under ``seconds``. If the code under test blocks
+    opening one of ``fifos``, a helper process releases it after ``seconds`` (it opens each FIFO for writing and
+    closes it, so the reader sees end-of-file), so that a regression fails the test instead of hanging the
+    suite. A thread cannot do this: the blocked open may hold the GIL (safetensors' does)."""
+    helper = subprocess.Popen([sys.executable, "-c", _RELEASER, str(seconds), *map(str, fifos)]) if fifos else None
+    start = time.monotonic()
+    try:
+        yield lambda: time.monotonic() - start < seconds
+    finally:
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+
+
+# ---------------------------------------------------------------------------------------------- saved configs
+def _set(path, value):
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return edit
+
+
+def _delete(path):
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return edit
+
+
+def _first_rank(config, value):
+    config["ranks"][next(iter(config["ranks"]))] = value
+
+
+CONFIG_CASES = [
+    ("layer_bool", _set("router.layer", True), r"'router\.layer' must be an int or null, got True \(bool\)"),
+    ("reuse_prefix_string", _set("reuse_prefix", "false"), r"'reuse_prefix' must be a bool, got 'false'"),
+    ("has_heads_int", _set("has_heads", 1), r"'has_heads' must be a bool"),
+    ("unknown_top", _set("extra", 1), r"unknown field\(s\) 'extra'"),
+    ("unknown_router", _set("router.colour", "red"), r"unknown field\(s\) 'router\.colour'"),
+    ("missing_top", _delete("keep_merged"), r"missing field\(s\) 'keep_merged'"),
+    ("missing_router", _delete("router.norm"), r"missing field\(s\) 'router\.norm'"),
+    ("version_3", _set("format_version", 3), r"unsupported format_version 3"),
+    ("version_string", _set("format_version", "2"), r"unsupported format_version '2'"),
+    ("version_1_in_v2_file", _set("format_version", 1), r"missing field\(s\) 'tensors_sha256'"),
+    ("temperature_string", _set("router.temperature", "1.0"), r"'router\.temperature' must be a number"),
+    ("threshold_range", _set("router.threshold", 1.5), r"'router' is invalid: .*threshold"),
+    ("mode_bogus", _set("router.mode", "bogus"), r"'router' is invalid: .*mode"),
+    ("layer_negative", _set("router.layer", -1), r"'router' is invalid: .*layer"),
+    ("layers_bool", _set("router.layers", [1, True]), r"'router\.layers' must be a list of ints"),
+    ("tasks_duplicate", _set("tasks", ["task0", "task0", "task2"]), r"'tasks' names a task twice"),
+    ("tasks_not_strings", _set("tasks", ["task0", 1, "task2"]), r"'tasks' must be a non-empty list of non-empty"),
+    ("tasks_empty", _set("tasks", []), r"'tasks' must be a non-empty list"),
+    ("tasks_too_few", _set("tasks", ["task0", "task1"]), r"lowrank/.* expected .*tasks=2"),
+    ("tasks_renamed", _set("tasks", ["task0", "task1", "other"]), r"'tasks' does not match the saved heads"),
+    ("rank_wrong", lambda c: _first_rank(c, 999), r"lowrank/.*rank=999"),
+    ("rank_zero", lambda c: _first_rank(c, 0), r"'ranks\..*' must be an int >= 1"),
+    ("rank_missing", lambda c: c["ranks"].pop(next(iter(c["ranks"]))), r"'ranks' lacks the matrix"),
+    ("rank_extra", lambda c: c["ranks"].update({"nope.weight": 2}), r"'ranks' names matrices .*nope\.weight"),
+    ("keep_merged_bad", _set("keep_merged", "none"), r"'keep_merged' must be one of"),
+    ("architecture_bad", _set("architecture", "resnet"), r"'architecture' must be one of"),
+    ("storage_factor_edited", _set("storage_factor", 1.5), r"'storage_factor' is 1\.5 but the tensors give"),
+    ("storage_factor_string", _set("storage_factor", "2"), r"'storage_factor' must be a number"),
+    ("has_heads_false", _set("has_heads", False), r"'has_heads' is false but the tensors hold heads"),
+]
+
+
+@pytest.mark.parametrize("edit,message", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_saved_config_is_validated_behind_the_checksum(saved, tmp_path, edit, message):
+    config, tensors, _ = saved
+    config = copy.deepcopy(config)
+    edit(config)
+    forge(tmp_path / "m", config, tensors)
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"format_version": 2, "tasks": [}', "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"format_version": 2, "format_version": 2}', r"duplicate field\(s\) \['format_version'\]"),
+    ("CONFIG_WITH_NAN", "NaN is not a JSON number"),
+], ids=["not_json", "array", "duplicate_key", "nan"])
+def test_saved_config_text_is_parsed_strictly(saved, tmp_path, text, message):
+    config, tensors, _ = saved
+    if text == "CONFIG_WITH_NAN":
+        text = json.dumps({**config, "router": {**config["router"], "temperature": float("nan")}})
+    forge(tmp_path / "m", text, tensors)
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(tmp_path / "m")
+
+
+def _drop_v(tensors):
+    key = next(k for k in tensors if k.endswith("/V"))
+    return {k: v for k, v in tensors.items() if k != key}
+
+
+def _nan_in_factor(tensors):
+    key = next(k for k in tensors if k.endswith("/S"))
+    bad = tensors[key].clone()
+    bad[0, 0] = float("nan")
+    return {**tensors, key: bad}
+
+
+TENSOR_CASES = [
+    ("nan", _nan_in_factor, r"lowrank/.*/S' contains NaN or Inf"),
+    ("extra_tensor", lambda t: {**t, "junk/x": torch.zeros(1)}, r"unexpected tensor 'junk/x'"),
+    ("bad_part", lambda t: {**t, "lowrank/a.weight/W": torch.zeros(1)}, r"unexpected tensor 'lowrank/a\.weight/W'"),
+    ("missing_part", _drop_v, r"lacks part\(s\) \['V'\]"),
+    ("missing_head", lambda t: {k: v for k, v in t.items() if k != "heads/task1"}, r"'tasks' does not match the saved heads"),
+    ("int_head", lambda t: {**t, "heads/task1": torch.zeros(4, 32, dtype=torch.int64)}, r"heads/task1 must be a 2-D floating"),
+    ("no_base", lambda t: {k: v for k, v in t.items() if not k.startswith("base/")}, r"no pretrained weights"),
+]
+
+
+@pytest.mark.parametrize("edit,message", [c[1:] for c in TENSOR_CASES], ids=[c[0] for c in TENSOR_CASES])
+def test_saved_tensors_are_checked_against_the_config(saved, tmp_path, edit, message):
+    config, tensors, _ = saved
+    forge(tmp_path / "m", config, edit(dict(tensors)))
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(tmp_path / "m")
+
+
+def test_the_checksum_covers_the_config(saved, tmp_path):
+    """A reordered task list would run one task's blocks under another's head: the checksum refuses it."""
+    config, tensors, _ = saved
+    reordered = {**config, "tasks": [config["tasks"][i] for i in (1, 0, 2)]}
+    forge(tmp_path / "m", reordered, tensors, checksum=False)
+    with pytest.raises(SavedModelError, match="truncated or corrupted"):
+        read_saved(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / MODEL_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    # the same edit with the old checksum: the file's checksum was computed over the original config
+    save_file(tensors, str(tmp_path / "m" / MODEL_NAME),
+              metadata={**metadata, "sha256": content_sha256(json.dumps(config), tensors)})
+    with pytest.raises(SavedModelError, match="truncated or corrupted"):
+        read_saved(tmp_path / "m")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("plain_safetensors", "not a MASS model file"),
+    ("metadata_version", "unsupported format_version '3'"),
+    ("no_checksum", "lacks the config or checksum"),
+    ("is_a_file", "not a directory"),
+    ("empty_dir", f"has no {MODEL_NAME}"),
+    ("missing_dir", "not a directory"),
+    ("dangling_symlink", "no such file"),
+])
+def test_saved_files_that_are_not_models(saved, tmp_path, case, message):
+    config, tensors, _ = saved
+    target = tmp_path / "m"
+    target.mkdir()
+    if case == "plain_safetensors":
+        save_file({"a": torch.zeros(2)}, str(target / MODEL_NAME))
+    elif case == "metadata_version":
+        save_file(tensors, str(target / MODEL_NAME), metadata={"format": "mass", "format_version": "3"})
+    elif case == "no_checksum":
+        save_file(tensors, str(target / MODEL_NAME), metadata={"format": "mass", "format_version": "2"})
+    elif case == "is_a_file":
+        target.rmdir()
+        target.write_text("x")
+    elif case == "missing_dir":
+        target = tmp_path / "nowhere"
+    elif case == "dangling_symlink":
+        os.symlink(tmp_path / "gone", target / MODEL_NAME)
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(target)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_place_of_the_saved_file_is_refused_not_read(tmp_path):
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / MODEL_NAME)
+    with released_if_stuck([tmp_path / "m" / MODEL_NAME]) as in_time:
+        with pytest.raises(SavedModelError, match="not a regular file"):
+            read_saved(tmp_path / "m")
+    assert in_time(), "reading a FIFO blocked"
+
+
+# ---------------------------------------------------------------------------------------------- format 1
+def test_format_1_loads_bit_exactly_with_a_warning_and_a_resave_upgrades_it(model, saved, tmp_path):
+    config, tensors, _ = saved
+    forge_v1(tmp_path / "m", config, tensors)
+    with pytest.warns(UserWarning, match="format-1 .* save_pretrained again"):
+        loaded = mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf", seed=9))
+    assert_same_model(loaded, model)
+    loaded.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [MODEL_NAME]
+    assert_same_model(mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf")), model)
+
+
+def test_format_1_without_the_later_router_fields_gets_their_old_defaults(saved, tmp_path):
+    config, tensors, _ = saved
+    old_router = {k: v for k, v in config["router"].items() if k not in ("layers", "features", "norm")}
+    forge_v1(tmp_path / "m", {**config, "router": old_router}, tensors)
+    with pytest.warns(UserWarning):
+        got, _, _ = read_saved(tmp_path / "m")
+    assert (got["router"]["layers"], got["router"]["features"], got["router"]["norm"]) == (None, "merged", "l2")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("router.layer", True), r"'router\.layer' must be an int or null"),
+    (_set("reuse_prefix", "false"), r"'reuse_prefix' must be a bool"),
+    (_delete("architecture"), r"missing field\(s\) 'architecture'"),
+    (_set("tensors_sha256", "0" * 64), "truncated or corrupted"),
+], ids=["layer_bool", "reuse_prefix_string", "missing_field", "bad_checksum"])
+def test_format_1_configs_are_validated_strictly_too(saved, tmp_path, edit, message):
+    config, tensors, _ = saved
+    forge_v1(tmp_path / "m", config, tensors)
+    v1 = json.loads((tmp_path / "m" / LEGACY_CONFIG_NAME).read_text())
+    edit(v1)
+    (tmp_path / "m" / LEGACY_CONFIG_NAME).write_text(json.dumps(v1))
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _with_router_value(model, field, value):
+    """A stand-in exposing what a save reads, with one router field forced to ``value`` (no RouterConfig check)."""
+    router = copy.copy(model.router_config)
+    object.__setattr__(router, field, value)  # bypasses RouterConfig's own checks (and a frozen dataclass)
+    names = ("arch", "model", "tasks", "ranks", "heads", "reuse_prefix", "keep_merged", "decomposition", "head")
+    return types.SimpleNamespace(router_config=router, **{n: getattr(model, n) for n in names})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", np.float32(0.5), r"'router\.temperature' must be a number, got .*float32"),
+    ("temperature", float("nan"), r"'router\.temperature' must be a number, got nan"),
+    ("layer", True, r"'router\.layer' must be an int or null"),
+    ("threshold", 2.0, r"'router' is invalid: .*threshold"),
+])
+def test_a_config_that_a_load_would_refuse_is_refused_before_anything_is_written(
+        model, saved, tmp_path, field, value, message):
+    from mass.serialization import save_mass
+
+    shutil.copytree(saved[2], tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(ValueError, match="cannot save this model: .*" + message):
+        save_mass(_with_router_value(model, field, value), tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    with pytest.raises(ValueError, match=message):
+        save_mass(_with_router_value(model, field, value), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_saved_router_fields_are_the_router_config_fields():
+    """A RouterConfig field the format does not know would make every save fail: extend ROUTER_FIELDS with it."""
+    import dataclasses
+
+    assert set(mass.saved_format.ROUTER_FIELDS) == {f.name for f in dataclasses.fields(mass.RouterConfig)}
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_get_the_mode_the_umask_gives(model, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "m" / MODEL_NAME).st_mode & 0o777) == mode
+
+
+def test_saving_onto_a_file_is_refused(model, tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        model.save_pretrained(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+class Faults:
+    """Counts the calls a save makes to the functions that write, rename, sync or delete, and raises
+    KeyboardInterrupt at call number ``at`` (never when ``at`` is None)."""
+
+    NAMES = ("open", "close", "fsync", "replace", "chmod", "unlink")
+
+    def __init__(self, monkeypatch, at=None):
+        import safetensors.torch
+
+        self.at, self.calls = at, []
+        for name in self.NAMES:
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+        monkeypatch.setattr(safetensors.torch, "save_file", self._wrap("save_file", safetensors.torch.save_file))
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls.append(name)
+            if len(self.calls) - 1 == self.at:
+                if name == "save_file":  # interrupted half-way through writing its file
+                    Path(args[1]).write_bytes(b"partial")
+                raise KeyboardInterrupt(f"fault at step {self.at} ({name})")
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+@pytest.fixture(scope="module")
+def new_model(model, saved, tmp_path_factory):
+    """A second model, different in config and tensors (other heads, another router), to save over the first."""
+    gen = torch.Generator().manual_seed(8)
+    heads = {t: torch.randn(2, 32, generator=gen) for t in model.tasks}
+    return mass.MASSModel.from_pretrained(saved[2], base_model=build_model("hf"), heads=heads,
+                                          router=mass.RouterConfig(layer=1, mode="top1"))
+
+
+@pytest.mark.parametrize("old_format", [2, 1])
+def test_an_interrupt_at_any_step_of_a_save_leaves_the_old_or_the_new_model_whole(
+        model, saved, new_model, tmp_path, monkeypatch, old_format):
+    config, tensors, saved_dir = saved
+
+    def fresh(i):
+        d = tmp_path / f"m{i}"
+        if old_format == 2:
+            shutil.copytree(saved_dir, d)
+        else:
+            forge_v1(d, config, tensors)
+        return d
+
+    target = fresh("count")
+    with monkeypatch.context() as m:
+        steps = Faults(m)
+        new_model.save_pretrained(target)
+    names = steps.calls
+    assert "replace" in names and "save_file" in names
+    commit = names.index("replace")
+    for i in range(len(names)):
+        d = fresh(i)
+        before = {p.name: p.read_bytes() for p in d.iterdir()}
+        with monkeypatch.context() as m:
+            faults = Faults(m, at=i)
+            with pytest.raises(KeyboardInterrupt):
+                new_model.save_pretrained(d)
+        assert faults.calls[: i + 1] == names[: i + 1]  # the same sequence of steps each time
+        listing = sorted(p.name for p in d.iterdir())
+        assert not [n for n in listing if n.endswith(".tmp")], (i, names[i], listing)  # no stray temporary file
+        if i <= commit:  # the rename did not happen: the old files are untouched
+            assert {p.name: p.read_bytes() for p in d.iterdir()} == before, (i, names[i])
+            expected = model
+        else:
+            assert MODEL_NAME in listing
+            expected = new_model
+        with warnings.catch_warnings():  # an untouched format-1 directory warns when loaded: not the point here
+            warnings.simplefilter("ignore", UserWarning)
+            config, dec, heads = read_saved(d)
+            assert router_config(config) == expected.router_config
+            assert_same_artifact((dec, heads), expected)
+            if i == commit:  # interrupted at the rename itself: the old model, also as a whole model
+                assert_same_model(mass.MASSModel.from_pretrained(d, base_model=build_model("hf")), expected)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def ckpts():
+    pretrained, finetuned, _ = make_setup("hf")
+    base = {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
+    return base, finetuned
+
+
+def _matrix_key(sd):
+    return next(k for k, v in sd.items() if v.dim() == 2 and "layers.1." in k)
+
+
+def _with(sd, key, value):
+    return {**sd, key: value}
+
+
+CHECKPOINT_CASES = [
+    ("int_weights", lambda sd: _with(sd, _matrix_key(sd), sd[_matrix_key(sd)].round().long()),
+     r"'bad': these weights are not floating point: \[.*layers\.1\..* \(int64\)"),
+    ("bool_weights", lambda sd: _with(sd, _matrix_key(sd), sd[_matrix_key(sd)] > 0),
+     r"not floating point: .*\(bool\)"),
+    ("ema_copy", lambda sd: {**sd, **{"ema." + k: v for k, v in sd.items()}},
+     r"'bad' holds the pretrained model's weights more than once \(key prefixes '' and 'ema\.'\)"),
+    ("two_prefixed_copies", lambda sd: {**{"model." + k: v for k, v in sd.items()}, **{"ema." + k: v for k, v in sd.items()}},
+     r"more than once \(key prefixes 'ema\.' and 'model\.'\)"),
+    ("unexpected_key", lambda sd: {**sd, "extra.weight": torch.zeros(2)}, r"1 unexpected keys .*\['extra\.weight'\]"),
+    ("unexpected_under_prefix", lambda sd: {**{"visual." + k: v for k, v in sd.items()}, "visual.extra": torch.zeros(1)},
+     r"unexpected keys under the prefix 'visual\.' .*\['visual\.extra'\]"),
+    ("missing_key", lambda sd: {k: v for k, v in list(sd.items())[1:]}, r"does not match the pretrained model: 1 missing"),
+    ("nan", lambda sd: _with(sd, _matrix_key(sd), sd[_matrix_key(sd)] * float("nan")), r"layers\.1\..* contains NaN or Inf"),
+    ("not_a_tensor", lambda sd: _with(sd, _matrix_key(sd), [1.0]), r"entries are not tensors"),
+]
+
+
+@pytest.mark.parametrize("edit,message", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+def test_bad_checkpoints_are_refused_naming_the_problem(ckpts, edit, message):
+    base, finetuned = ckpts
+    with pytest.raises(CheckpointError, match=message):
+        float_keys, opened = open_finetuned(base, {"good": finetuned["task0"], "bad": edit(dict(finetuned["task1"]))})
+        for _, src, key_map in opened:  # NaN is found when a tensor is read, as decompose reads them
+            for k in float_keys:
+                src.get(key_map[k])
+
+
+def test_integer_weights_are_refused_by_merge_before_any_svd(ckpts):
+    _, finetuned = ckpts
+    sd = dict(finetuned["task1"])
+    key = _matrix_key(sd)
+    sd[key] = sd[key].round().to(torch.int32)
+    with pytest.raises(CheckpointError, match=rf"'task1': these weights are not floating point: \['{key} \(int32\)'\]"):
+        mass.decompose(build_model("hf"), {**finetuned, "task1": sd}, progress=False)
+
+
+@pytest.mark.parametrize("case", ["prefix_only_copy", "parent_with_text_tower", "old_position_ids", "child_module"])
+def test_checkpoints_that_are_fine_are_read_exactly(ckpts, case):
+    base, finetuned = ckpts
+    sd = finetuned["task1"]
+    if case == "prefix_only_copy":
+        ckpt = {"ema." + k: v for k, v in sd.items()}
+    elif case == "parent_with_text_tower":
+        ckpt = {**{"vision." + k: v for k, v in sd.items()}, "text.encoder.layers.0.mlp.fc1.weight": torch.zeros(3)}
+    elif case == "old_position_ids":
+        ckpt = {**sd, "vision_model.embeddings.position_ids": torch.arange(17)[None]}
+    else:
+        base = {"vision." + k: v for k, v in base.items()}
+        ckpt = sd
+    float_keys, opened = open_finetuned(base, {"t": ckpt})
+    (_, src, key_map), = opened
+    ref = {"vision." + k: v for k, v in sd.items()} if case == "child_module" else sd
+    assert len(key_map) == len(base)
+    assert all(torch.equal(src.get(key_map[k]), ref[k]) for k in float_keys)
+
+
+def test_the_same_checkpoint_under_two_names_is_refused(ckpts, tmp_path):
+    base, finetuned = ckpts
+    with pytest.raises(CheckpointError, match=r"checkpoints 'a' and 'c' are the same weights"):
+        open_finetuned(base, {"a": finetuned["task0"], "b": finetuned["task1"],
+                              "c": {k: v.clone() for k, v in finetuned["task0"].items()}})
+    path = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in finetuned["task2"].items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"checkpoints 'x' and 'y' are the same weights"):
+        open_finetuned(base, {"x": path, "y": str(path)})
+
+
+def test_checkpoints_sharing_the_probed_tensors_but_not_all_are_distinct(ckpts):
+    """The fingerprint only probes three tensors; equal probes must not be taken for equal checkpoints."""
+    base, finetuned = ckpts
+    float_keys = [k for k, v in base.items() if v.is_floating_point()]
+    probes = {float_keys[0], float_keys[len(float_keys) // 2], float_keys[-1]}
+    other = next(k for k in float_keys if k not in probes)
+    twin = dict(finetuned["task0"])
+    twin[other] = twin[other] + 1.0
+    _, opened = open_finetuned(base, {"a": finetuned["task0"], "b": twin})
+    assert [name for name, _, _ in opened] == ["a", "b"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("where", ["file", "in_hf_dir", "pt"])
+def test_a_fifo_checkpoint_is_refused_without_hanging(ckpts, tmp_path, where):
+    base, finetuned = ckpts
+    if where == "in_hf_dir":
+        path = fifo = tmp_path / "hf"
+        path.mkdir()
+        fifo = path / "model.safetensors"
+    else:
+        path = fifo = tmp_path / ("ft.safetensors" if where == "file" else "ft.pt")
+    os.mkfifo(fifo)
+    with released_if_stuck([fifo]) as in_time:
+        with pytest.raises(CheckpointError, match=r"'fifo'.* is not a regular file"):
+            open_finetuned(base, {"a": finetuned["task0"], "fifo": path})
+    assert in_time(), "opening a FIFO checkpoint blocked"
+
+
+def test_a_legacy_torch_save_state_dict_loads_weights_only(ckpts, tmp_path):
+    base, finetuned = ckpts
+    torch.save(finetuned["task1"], tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(finetuned["task2"], tmp_path / "zip.pt")
+    assert (tmp_path / "legacy.pt").read_bytes()[:2] != b"PK"  # really the legacy (non-zip) format
+    float_keys, opened = open_finetuned(base, {"a": finetuned["task0"], "legacy": tmp_path / "legacy.pt",
+                                               "zip": tmp_path / "zip.pt"})
+    for (_, src, key_map), want in zip(opened[1:], (finetuned["task1"], finetuned["task2"])):
+        assert all(torch.equal(src.get(key_map[k]), want[k]) for k in float_keys)
+
+
+def test_an_openclip_state_dict_with_two_vision_towers_is_refused():
+    from mass.testing import OpenCLIPStyleViT
+
+    sd = OpenCLIPStyleViT(width=32, layers=1).state_dict()
+    both = {**{"visual." + k: v for k, v in sd.items()}, **{"ema.visual." + k: v for k, v in sd.items()}}
+    with pytest.raises(CheckpointError, match=r"holds 2 vision towers .*'ema\.visual\.', 'visual\.'"):
+        openclip_to_hf(both, ["embeddings.class_embedding"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, model, saved):
+    """A pretrained HF directory, fine-tuned checkpoints of it, and a saved MASS model."""
+    root = tmp_path_factory.mktemp("cli")
+    pretrained = build_model("hf")
+    pretrained.save_pretrained(root / "pretrained")
+    finetuned = make_setup("hf")[1]
+    for i in range(2):
+        save_file({k: v.contiguous() for k, v in finetuned[f"task{i}"].items()}, str(root / f"t{i}.safetensors"))
+    sd = {k: v.contiguous() for k, v in finetuned["task1"].items()}
+    key = _matrix_key(sd)
+    save_file({**sd, key: sd[key].round().long()}, str(root / "int.safetensors"))
+    save_file({**sd, **{"ema." + k: v.clone() for k, v in sd.items()}}, str(root / "ema.safetensors"))
+    (root / "file").write_text("x")
+    return root
+
+
+def _prepare(root: Path, tmp: Path, case: str) -> None:
+    """Build what one CLI case needs under ``tmp`` (placeholders in argv: ROOT, TMP)."""
+    if case == "corrupt_config":
+        shutil.copytree(root / "pretrained", tmp / "pre")
+        (tmp / "pre" / "config.json").write_text("{oops")
+    elif case == "no_weights":
+        (tmp / "pre").mkdir()
+        shutil.copy(root / "pretrained" / "config.json", tmp / "pre")
+    elif case == "corrupt_weights":
+        shutil.copytree(root / "pretrained", tmp / "pre")
+        (tmp / "pre" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    elif case == "fifo_config":
+        (tmp / "pre").mkdir()
+        shutil.copy(root / "pretrained" / "model.safetensors", tmp / "pre")
+        os.mkfifo(tmp / "pre" / "config.json")
+    elif case == "fifo_finetuned":
+        os.mkfifo(tmp / "ft.safetensors")
+    elif case == "inspect_v1_missing_field":
+        shutil.copytree(root / "v1", tmp / "v1")
+        cfg = json.loads((tmp / "v1" / LEGACY_CONFIG_NAME).read_text())
+        del cfg["router"]
+        (tmp / "v1" / LEGACY_CONFIG_NAME).write_text(json.dumps(cfg))
+    elif case == "inspect_truncated":
+        shutil.copytree(root / "saved", tmp / "s")
+        data = (tmp / "s" / MODEL_NAME).read_bytes()
+        (tmp / "s" / MODEL_NAME).write_bytes(data[:-100])
+
+
+MERGE = ["merge", "--pretrained", "ROOT/pretrained", "--quiet", "--finetuned", "a=ROOT/t0.safetensors"]
+CLI_CASES = [
+    ("out_is_file", MERGE + ["b=ROOT/t1.safetensors", "--out", "ROOT/file"], "--out ROOT/file exists and is not a directory"),
+    ("out_under_file", MERGE + ["b=ROOT/t1.safetensors", "--out", "ROOT/file/sub"], "ROOT/file is not a directory"),
+    ("pretrained_missing", ["merge", "--pretrained", "TMP/none", "--finetuned", "a=ROOT/t0.safetensors", "--out", "TMP/o"],
+     "--pretrained must be a HF model directory"),
+    ("no_weights", ["merge", "--pretrained", "TMP/pre", "--finetuned", "a=ROOT/t0.safetensors", "--out", "TMP/o"],
+     "has no weights"),
+    ("corrupt_config", ["merge", "--pretrained", "TMP/pre", "--finetuned", "a=ROOT/t0.safetensors", "--out", "TMP/o"],
+     "cannot load the model"),
+    ("corrupt_weights", ["merge", "--pretrained", "TMP/pre", "--finetuned", "a=ROOT/t0.safetensors", "--out", "TMP/o"],
+     "cannot load the model"),
+    ("fifo_config", ["merge", "--pretrained", "TMP/pre", "--finetuned", "a=ROOT/t0.safetensors", "--out", "TMP/o"],
+     "config.json is not a regular file"),
+    ("fifo_finetuned", MERGE + ["f=TMP/ft.safetensors", "--out", "TMP/o"], "'f': TMP/ft.safetensors is not a regular file"),
+    ("int_weights", MERGE + ["i=ROOT/int.safetensors", "--out", "TMP/o"], "these weights are not floating point"),
+    ("ema_copy", MERGE + ["e=ROOT/ema.safetensors", "--out", "TMP/o"], "more than once"),
+    ("missing_finetuned", MERGE + ["m=ROOT/none.safetensors", "--out", "TMP/o"], "'m': no such file"),
+    ("bad_rank", MERGE + ["b=ROOT/t1.safetensors", "--rank", "lots", "--out", "TMP/o"], "--rank must be"),
+    ("missing_out", MERGE, "the following arguments are required: --out"),
+    ("bad_mode", MERGE + ["--mode", "best", "--out", "TMP/o"], "argument --mode: invalid choice"),
+    ("no_command", [], "the following arguments are required: command"),
+    ("inspect_not_dir", ["inspect", "ROOT/file"], "not a directory"),
+    ("inspect_empty", ["inspect", "TMP"], "is not a saved MASS model"),
+    ("inspect_v1_missing_field", ["inspect", "TMP/v1"], "missing field(s) 'router'"),
+    ("inspect_truncated", ["inspect", "TMP/s"], "truncated or corrupted"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_root(cli_files, saved):
+    config, tensors, saved_dir = saved
+    shutil.copytree(saved_dir, cli_files / "saved", dirs_exist_ok=True)
+    forge_v1(cli_files / "v1", config, tensors)
+    return cli_files
+
+
+@pytest.mark.parametrize("argv,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_mistakes_end_with_one_error_line_and_exit_code_2(cli_root, tmp_path, capsys, argv, message):
+    case = next(c[0] for c in CLI_CASES if c[1] is argv)
+    _prepare(cli_root, tmp_path, case)
+    sub = lambda s: s.replace("ROOT", str(cli_root)).replace("TMP", str(tmp_path))  # noqa: E731
+    with released_if_stuck([p for p in tmp_path.rglob("*") if p.is_fifo()]) as in_time:
+        rc = main([sub(a) for a in argv])
+    assert in_time()
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert [l for l in lines if l.startswith("mass: error:")] == [lines[-1]], err  # exactly one, and last
+    assert "Traceback" not in err and sub(message) in lines[-1], err
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_cli_oserror_while_saving_is_one_line(cli_root, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[1]))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    rc = main(["merge", "--pretrained", str(cli_root / "pretrained"), "--quiet", "--finetuned",
+               f"a={cli_root / 't0.safetensors'}", f"b={cli_root / 't1.safetensors'}", "--layer", "2",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("mass: error:") == 1 and "Permission denied" in err and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == []  # the temporary file was removed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_cli_out_not_writable(cli_root, tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    rc = main(MERGE[:3] + ["--finetuned", f"a={cli_root / 't0.safetensors'}", "--out", str(tmp_path / "ro" / "o")])
+    assert rc == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_cli_inspect_format_1_warns_on_one_line(cli_root, capsys):
+    assert main(["inspect", str(cli_root / "v1")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mass: warning:") and "format-1" in err[0]
+
+
+def test_cli_mass_debug_keeps_the_traceback(cli_root, monkeypatch):
+    monkeypatch.setenv("MASS_DEBUG", "1")
+    with pytest.raises(SavedModelError, match="not a saved MASS model"):
+        main(["inspect", str(cli_root)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["inspect", "DIR"], "is not a saved MASS model"),
+    (["merge", "--pretrained", "DIR"], "the following arguments are required"),
+])
+def test_cli_as_a_process_prints_one_error_line(tmp_path, argv, message):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASS_DEBUG": ""}
+    env.pop("MASS_DEBUG")
+    proc = subprocess.run([sys.executable, "-m", "mass.cli", *[a.replace("DIR", str(tmp_path)) for a in argv]],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("mass: error:") and message in lines[-1], proc.stderr
+    assert sum(l.startswith("mass: error:") for l in lines) == 1 and "Traceback" not in proc.stderr
