@@ -32,6 +32,10 @@ def test_e2e_bench_tiny(tmp_path):
                               "--out", str(tmp_path)])
     rows = report["results"]
     assert {r["provider"] for r in rows} == set(bench.PROVIDERS)
+    # ours once per router mode (both by default), in the same rounds as plain; the others name their mode
+    assert sorted(r["router_mode"] for r in rows if r["provider"] == "ours") == ["top1", "top1", "topk", "topk"]
+    assert all(r["router_mode"] is None for r in rows if r["provider"] in ("plain", "ensemble"))
+    assert all(r["router_mode"] == "top1" for r in rows if r["provider"] in ("authors", "ours_graph"))
     for r in rows:
         if r["provider"] == "ours_graph" and not torch.cuda.is_available():
             assert r["status"] == "skipped"
@@ -49,7 +53,9 @@ def test_e2e_bench_tiny(tmp_path):
             ratios = sorted(a / b for a, b in zip(r["samples_ms"], floor[r["batch"], r["mix"]]))
             assert ratios[0] <= r["paired_ratio_to_plain"]["median"] <= ratios[-1]
     assert all(r["stored_vs_pretrained"] == 2.0 for r in rows if r["provider"] == "ensemble")
-    assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours")
+    assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours" and r["router_mode"] == "top1")
+    topk_mixed = [r for r in rows if r["provider"] == "ours" and r["router_mode"] == "topk" and r["mix"] == "mixed"]
+    assert len(topk_mixed) == 1 and "two-task set" in topk_mixed[0]["reason"]
     assert report["env"]["malloc"] == "default"
     assert all(r["memory"]["peak_above_start_bytes"] > 0 for r in rows if r["status"] == "ok")
     for env_key in ("device", "torch", "triton", "git_commit", "date"):
