@@ -375,6 +375,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     add_malloc_argument(p)
+    p.add_argument("--merge", action="store_true",
+                   help="also time mass.merge (decompose + first-pass weights) of --models x --tasks with each of "
+                        "--merge-solvers, on synthetic checkpoints written to a temporary folder")
+    p.add_argument("--merge-only", action="store_true", help="time merges only (implies --merge)")
+    p.add_argument("--merge-solvers", nargs="+", default=["full", "auto"], choices=["full", "auto", "randomized"])
+    p.add_argument("--merge-estimate", action="store_true",
+                   help="merge time estimated from one block x the number of blocks (no checkpoints written)")
+    p.add_argument("--merge-device", default=None, help="device for the merge's SVDs (default: the CPU)")
     p.add_argument("--out", default="bench/results", help="directory for JSON, PNG and Markdown ('' = none)")
     p.add_argument("--tag", default=None, help="file-name stem (default: <device>-e2e[-quick])")
     return p
@@ -406,20 +414,28 @@ def run_bench(args=None) -> dict:
           f"{env['torch_threads']} threads, malloc {env['malloc']}, load average {env['loadavg_at_start']}",
           flush=True)
     results: list = []
+    merges: list = []
     t0 = time.perf_counter()
     for name in args.models:
         for T in args.tasks:
-            bench_model(name, T, args.batches, args, device, results)
+            if args.merge or args.merge_only:
+                from .svd_merge_bench import time_block_merge, time_full_merge
+
+                timer = time_block_merge if args.merge_estimate else time_full_merge
+                merges += timer(name, T, args.merge_solvers, device=args.merge_device, seed=args.seed)
+            if not args.merge_only:
+                bench_model(name, T, args.batches, args, device, results)
     try:
         load_end = os.getloadavg()
     except OSError:
         load_end = None
     report = {"kind": "e2e", "env": env, "loadavg_at_end": load_end, "quick": bool(args.quick),
               "wall_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(args).items() if k != "func"},
-              "results": results}
+              "results": results, "merge": merges}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, args.tag or f"{device_slug(device)}-e2e{'-quick' if args.quick else ''}")
+        kind = "merge" if args.merge_only else "e2e"
+        stem = os.path.join(args.out, args.tag or f"{device_slug(device)}-{kind}{'-quick' if args.quick else ''}")
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
         plot(report, stem + ".png")
@@ -514,6 +530,11 @@ def summary_markdown(report: dict, stem: str) -> str:
               "Resident bytes of ours/authors include the TSV-M weights of every block (built with "
               "keep_merged='all' so the authors' full merged pass can run on the same object); the default "
               "keep_merged='prefix' holds them only up to the routing block."]
+    from .svd_merge_bench import merge_markdown
+
+    if not report["results"]:  # merges only: title and environment
+        lines = lines[:3]
+    lines += merge_markdown(report.get("merge") or [])
     return "\n".join(lines) + "\n"
 
 

@@ -174,3 +174,26 @@ def test_peak_memory_keeps_the_profilers_native_log_off_stderr():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stderr.strip() == "after", out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) >= 4_000_000
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_merge_time_rows(tmp_path, estimate):
+    """`mass bench --merge-only`: one row per solver, phases that add up, accuracy against the full solver."""
+    argv = ["--models", "tiny", "--tasks", "2", "--merge-only", "--merge-solvers", "full", "randomized",
+            "--malloc", "default", "--out", str(tmp_path)] + (["--merge-estimate"] if estimate else [])
+    report = bench.run_bench(argv)
+    rows = report["merge"]
+    assert report["results"] == [] and [r["solver"] for r in rows] == ["full", "randomized"]
+    for r in rows:
+        assert r["merge_s"] > 0 and r["decompose_s"] > 0
+        assert r["merge_s"] == pytest.approx(r["decompose_s"] + r["first_pass_weights_s"], rel=1e-9)
+    if not estimate:
+        full, rand = rows
+        assert full["solvers_used"] == ["full"] and rand["solvers_used"] == ["randomized"]
+        assert full["accuracy"]["recon_ratio_max"] < 1 + 1e-3  # the exact truncation, up to fp32 rounding
+        assert full["accuracy"]["tsv_delta_rel_change_vs_full_max"] is None
+        assert rand["accuracy"]["recon_ratio_median"] >= 1 - 1e-3
+        assert rand["accuracy"]["tsv_delta_rel_change_vs_full_max"] is not None
+    md = next(n for n in os.listdir(tmp_path) if n.endswith("-summary.md"))
+    text = (tmp_path / md).read_text()
+    assert "## Merge time" in text and "| latency ms |" not in text
