@@ -18,8 +18,11 @@ Rows (same inputs, same run, timed in interleaved rounds on CPU, ``triton.testin
 Task mix: ``mixed`` assigns sample i to task i mod T in every row (the router still runs and is paid for; its
 decision is replaced, because routing on random weights means nothing); ``router`` uses the router's decision
 (on random weights it usually sends the whole batch to one task, which favours the per-group rows).
-The router runs in ``top1`` mode by default (``--router-mode``); with ``topk`` the authors' procedure would
-re-run TSV-M (SVDs) per selected set and batch, which this benchmark does not time.
+``ours`` runs once per router mode (``--router-mode``, default ``top1`` and the paper's default ``topk``), in
+the same interleaved rounds, on one model. In a mixed batch the ``topk`` row forces every sample onto a
+two-task set {i mod T, i+1 mod T} (TSV-M over the pair, the two-slot path): the most expensive case of that
+mode, where a real router sends only some samples to two tasks. The authors' procedure is timed top-1: with
+``topk`` it would re-run TSV-M (SVDs) per selected set and batch.
 
 Columns: latency median [p20, p80], ratio to ``plain`` (of the medians, and paired: the median over rounds of
 the ratio within a round), peak memory of one call (CUDA max allocated; CPU tensor bytes from the profiler's
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -194,7 +198,7 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
     plain = plain.to(device=device, dtype=dtype)
     dense = copy.deepcopy(plain) if "authors" in args.providers else None
     wrapped = copy.deepcopy(plain)
-    mm = MASSModel(wrapped, dec, router=RouterConfig(mode=args.router_mode), keep_merged="all").to(device)
+    mm = MASSModel(wrapped, dec, router=RouterConfig(mode="top1"), keep_merged="all").to(device)
     setup_s = time.perf_counter() - t0
     print(f"[{name} T={n_tasks}] built in {setup_s:.1f}s; storage factor {storage:.4f}", flush=True)
     model_bytes = tensor_bytes(plain)
@@ -223,22 +227,25 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
 
     stored = {"plain": 1.0, "ours": storage, "ours_graph": storage, "authors": storage, "ensemble": float(n_tasks)}
     gen = torch.Generator().manual_seed(args.seed + 1)
+    configs = {mode: dataclasses.replace(mm.router_config, mode=mode) for mode in args.router_mode}
+    top1 = dataclasses.replace(mm.router_config, mode="top1")
     for batch in batches:
         x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
         for mix in args.mix:
+            mm.router_config = top1
             with torch.no_grad():
                 routed = mm.route(pixel_values=x).task_ids[:, 0]
             ids = torch.arange(batch, device=device) % n_tasks if mix == "mixed" else routed
             forced = ids if mix == "mixed" else None
-
-            def ours(x=x, forced=forced):
-                if forced is None:
-                    return _embedding(mm(pixel_values=x))
-                mm.route(pixel_values=x)  # first pass + router are paid for; the decision is replaced
-                return _embedding(mm(pixel_values=x, task_ids=forced))
-
-            fns = {"plain": lambda x=x: _embedding(plain(pixel_values=x)), "ours": ours}
-            info = {p: {"status": "ok", "reason": None} for p in args.providers}
+            fns = {"plain": lambda x=x: _embedding(plain(pixel_values=x))}
+            info = {p: {"status": "ok", "reason": None} for p in args.providers if p != "ours"}
+            for mode in args.router_mode if "ours" in args.providers else ():
+                key = f"ours@{mode}"
+                fns[key] = _ours_call(mm, configs[mode], x, _forced_for(mode, forced, n_tasks))
+                info[key] = {"status": "ok", "reason": None}
+                if mode != "top1" and mix == "mixed":
+                    info[key]["reason"] = ("every sample forced to a two-task set {i, i+1 mod T} (TSV-M over the "
+                                           "pair): the cost ceiling of the two-slot path; not compared here")
             if authors is not None:
                 fns["authors"] = lambda x=x, forced=forced: authors(x, forced)
             if "ensemble" in args.providers:
@@ -251,20 +258,24 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                     info["ours_graph"] = {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
                 else:
                     try:
+                        mm.router_config = top1
                         graphed = GraphedSecondPass(mm, x)
-                        fns["ours_graph"] = lambda x=x, forced=forced: graphed(x, forced)
-                        if args.router_mode != "top1":
-                            info["ours_graph"]["reason"] = "graph replays top-1 entries (topk needs host syncs)"
+
+                        def graph_call(x=x, forced=forced, graphed=graphed):
+                            mm.router_config = top1  # the graph replays top-1 entries
+                            return graphed(x, forced)
+
+                        fns["ours_graph"] = graph_call
                     except Exception as exc:  # noqa: BLE001 - reported, not hidden
                         info["ours_graph"] = {"status": "failed",
                                               "reason": f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"}
-            fns = {p: f for p, f in fns.items() if p in args.providers}
-            # Correctness before timing: ours, authors' and the ensemble compute the same task models.
+            fns = {p: f for p, f in fns.items() if p.split("@")[0] in args.providers}
+            # Correctness before timing: ours (top-1), authors' and the ensemble compute the same task models.
             with torch.no_grad():
                 outs = {p: f() for p, f in fns.items()}
             ref = outs.get("authors", outs.get("ensemble"))
-            for p in ("ours", "ours_graph", "ensemble"):
-                if p in outs and ref is not None and (args.router_mode == "top1" or mix == "mixed"):
+            for p in ("ours@top1", "ours_graph", "ensemble"):
+                if p in outs and ref is not None:
                     try:
                         info[p]["max_rel_err_vs_authors"] = _check_close(outs[p], ref, dtype)
                     except AssertionError as exc:
@@ -277,19 +288,21 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                 floor = timings.get("plain", {}).get("median_ms")
                 groups = int(ids.unique().numel())
                 held = resident()
-                for p in args.providers:
-                    rec = dict(model=name, n_tasks=n_tasks, batch=batch, mix=mix, router_mode=args.router_mode,
+                for key in [p for p in fns if p.split("@")[0] in args.providers] + \
+                        [p for p in info if p not in fns]:
+                    p, _, mode = key.partition("@")
+                    rec = dict(model=name, n_tasks=n_tasks, batch=batch, mix=mix, router_mode=_mode_of(p, mode),
                                dtype=args.dtype, routing_layer=mm.routing_layer, task_groups=groups,
-                               provider=p, setup_s=setup_s, **info.get(p, {"status": "skipped", "reason": None}))
+                               provider=p, setup_s=setup_s, **info.get(key, {"status": "skipped", "reason": None}))
                     rec["stored_vs_pretrained"] = stored[p]
                     rec["resident_bytes"] = held[p]
-                    if p in timings:
-                        rec.update(timings[p])
+                    if key in timings:
+                        rec.update(timings[key])
                         rec["ratio_to_plain"] = rec["median_ms"] / floor if floor else None
                         rec["paired_ratio_to_plain"] = paired_ratio(rec.get("samples_ms"),
                                                                     timings.get("plain", {}).get("samples_ms", []))
                         if args.memory:
-                            rec["memory"] = peak_memory(fns[p], device)
+                            rec["memory"] = peak_memory(fns[key], device)
                     results.append(rec)
                     _print(rec)
     del mm, plain, dense, ensemble, authors, wrapped
@@ -298,8 +311,38 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
         torch.cuda.empty_cache()
 
 
+def _forced_for(mode: str, forced: Optional[torch.Tensor], n_tasks: int) -> Optional[torch.Tensor]:
+    """The mixed batch for one router mode: top-1 sample i → task i mod T; the multi-task modes sample i →
+    the set {i mod T, i+1 mod T} (every sample on the two-slot path: their most expensive case)."""
+    if forced is None or mode == "top1" or n_tasks < 2:
+        return forced
+    return torch.stack([forced, (forced + 1) % n_tasks], 1)
+
+
+def _ours_call(mm, config, x: torch.Tensor, forced: Optional[torch.Tensor]):
+    """MASSModel under one router configuration (set before each call: the modes share one model)."""
+
+    def call():
+        mm.router_config = config
+        if forced is None:
+            return _embedding(mm(pixel_values=x))
+        mm.route(pixel_values=x)  # first pass + router are paid for; the decision is replaced
+        return _embedding(mm(pixel_values=x, task_ids=forced))
+
+    return call
+
+
+def _mode_of(provider: str, mode: str) -> Optional[str]:
+    """Router mode a row ran under: ours names its own; authors and the CUDA graph route top-1; plain and the
+    ensemble (oracle task) have no router."""
+    if mode:
+        return mode
+    return "top1" if provider in ("authors", "ours_graph") else None
+
+
 def _print(r):
-    head = f"  {r['model']} T={r['n_tasks']:<2d} B={r['batch']:<3d} {r['mix']:6s} {r['provider']:10s}"
+    name = r["provider"] + (f"[{r['router_mode']}]" if r["provider"] == "ours" else "")
+    head = f"  {r['model']} T={r['n_tasks']:<2d} B={r['batch']:<3d} {r['mix']:6s} {name:12s}"
     if r["status"] != "ok" or "median_ms" not in r:
         print(f"{head} {r['status'].upper()}: {r['reason']}", flush=True)
         return
@@ -320,7 +363,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", type=int, default=None, help="T values (default 8 14 20)")
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--mix", nargs="+", default=None, choices=["mixed", "router"])
-    p.add_argument("--router-mode", default="top1", choices=["top1", "topk", "weighted"])
+    p.add_argument("--router-mode", nargs="+", default=["top1", "topk"], choices=["top1", "topk", "weighted"],
+                   help="router modes of the 'ours' rows (default both top1 and the paper's default topk)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 CPU, bf16 CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -331,6 +375,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     add_malloc_argument(p)
+    p.add_argument("--merge", action="store_true",
+                   help="also time mass.merge (decompose + first-pass weights) of --models x --tasks with each of "
+                        "--merge-solvers, on synthetic checkpoints written to a temporary folder")
+    p.add_argument("--merge-only", action="store_true", help="time merges only (implies --merge)")
+    p.add_argument("--merge-solvers", nargs="+", default=["full", "auto"], choices=["full", "auto", "randomized"])
+    p.add_argument("--merge-estimate", action="store_true",
+                   help="merge time estimated from one block x the number of blocks (no checkpoints written)")
+    p.add_argument("--merge-device", default=None, help="device for the merge's SVDs (default: the CPU)")
     p.add_argument("--out", default="bench/results", help="directory for JSON, PNG and Markdown ('' = none)")
     p.add_argument("--tag", default=None, help="file-name stem (default: <device>-e2e[-quick])")
     return p
@@ -362,20 +414,28 @@ def run_bench(args=None) -> dict:
           f"{env['torch_threads']} threads, malloc {env['malloc']}, load average {env['loadavg_at_start']}",
           flush=True)
     results: list = []
+    merges: list = []
     t0 = time.perf_counter()
     for name in args.models:
         for T in args.tasks:
-            bench_model(name, T, args.batches, args, device, results)
+            if args.merge or args.merge_only:
+                from .svd_merge_bench import time_block_merge, time_full_merge
+
+                timer = time_block_merge if args.merge_estimate else time_full_merge
+                merges += timer(name, T, args.merge_solvers, device=args.merge_device, seed=args.seed)
+            if not args.merge_only:
+                bench_model(name, T, args.batches, args, device, results)
     try:
         load_end = os.getloadavg()
     except OSError:
         load_end = None
     report = {"kind": "e2e", "env": env, "loadavg_at_end": load_end, "quick": bool(args.quick),
               "wall_s": time.perf_counter() - t0, "config": {k: v for k, v in vars(args).items() if k != "func"},
-              "results": results}
+              "results": results, "merge": merges}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, args.tag or f"{device_slug(device)}-e2e{'-quick' if args.quick else ''}")
+        kind = "merge" if args.merge_only else "e2e"
+        stem = os.path.join(args.out, args.tag or f"{device_slug(device)}-{kind}{'-quick' if args.quick else ''}")
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
         plot(report, stem + ".png")
@@ -400,7 +460,8 @@ def plot(report: dict, path: str) -> None:
         series: dict = {}
         for r in rows:
             if r["model"] == model and r["provider"] != "plain":
-                series.setdefault((r["provider"], r["n_tasks"], r["mix"]), []).append(r)
+                prov = r["provider"] + (f"[{r['router_mode']}]" if r["provider"] == "ours" else "")
+                series.setdefault((prov, r["n_tasks"], r["mix"]), []).append(r)
         for (prov, T, mix), rs in sorted(series.items()):
             rs = sorted(rs, key=lambda r: r["batch"])
             b = [r["batch"] for r in rs]
@@ -431,7 +492,8 @@ def summary_markdown(report: dict, stem: str) -> str:
     lines = [
         f"# `mass bench` — {env['device']}", "",
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-        f"{env['torch_threads']} threads, {cfg['dtype']}, router {cfg['router_mode']}, commit `{env['git_commit']}`, "
+        f"{env['torch_threads']} threads, {cfg['dtype']}, router modes of the ours rows: "
+        f"{', '.join(cfg['router_mode'])} (each row names its own), commit `{env['git_commit']}`, "
         f"{env['date']}. Load average at start {env['loadavg_at_start']}, at end {report.get('loadavg_at_end')} "
         f"(other processes share this machine: read p20/p80 as the noise). "
         f"C allocator: {env.get('malloc', 'default')}.", "",
@@ -441,9 +503,9 @@ def summary_markdown(report: dict, stem: str) -> str:
         "allocated above the starting level during one call (CUDA: max allocated; CPU: tensor bytes from the "
         "profiler's allocation events). Resident: bytes of weights/banks held. Stored: bytes on disk relative "
         "to the pretrained model (exact).", "",
-        "| model | T | batch | mix | row | latency ms | × plain | paired × | peak MiB | resident MiB | stored × "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | T | batch | mix | row | router | latency ms | × plain | paired × | peak MiB | resident MiB "
+        "| stored × | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if "median_ms" in r:
@@ -454,16 +516,25 @@ def summary_markdown(report: dict, stem: str) -> str:
             lat, ratio, peak = r["status"], "—", "—"
         paired = _paired(r) if "median_ms" in r else "—"
         note = r.get("reason") or ""
-        lines.append(f"| {r['model']} | {r['n_tasks']} | {r['batch']} | {r['mix']} | {r['provider']} | {lat} | "
+        lines.append(f"| {r['model']} | {r['n_tasks']} | {r['batch']} | {r['mix']} | {r['provider']} | "
+                     f"{r.get('router_mode') or '—'} | {lat} | "
                      f"{ratio} | {paired} | {peak} | {_mib(r.get('resident_bytes'))} | "
                      f"{r['stored_vs_pretrained']:.3f} | {note} |")
     lines += ["", "Rows: plain = one pretrained forward; authors = full TSV-M pass, then per task group dense "
-              "weights rebuilt (W0 + U S V) and one forward per group; ours = MASSModel (first pass stopped at "
-              "the routing block, one batched second pass); ours_graph = second pass in a CUDA graph (CUDA only); "
+              "weights rebuilt (W0 + U S V) and one forward per group (top-1); ours = MASSModel (first pass "
+              "stopped at the routing block, one batched second pass) under the router mode named in its row: "
+              "top1, or the paper's default topk (mixed batch: every sample forced to a two-task set, TSV-M over "
+              "the pair, the two-slot path's most expensive case; router mix: the router's own decisions); "
+              "ours_graph = second pass in a CUDA graph (CUDA only); "
               "ensemble = T dense models, oracle task, one forward per group.",
               "Resident bytes of ours/authors include the TSV-M weights of every block (built with "
               "keep_merged='all' so the authors' full merged pass can run on the same object); the default "
               "keep_merged='prefix' holds them only up to the routing block."]
+    from .svd_merge_bench import merge_markdown
+
+    if not report["results"]:  # merges only: title and environment
+        lines = lines[:3]
+    lines += merge_markdown(report.get("merge") or [])
     return "\n".join(lines) + "\n"
 
 

@@ -1,19 +1,20 @@
 """Offline step of MASS: per task and per 2-D weight, keep the top-k singular components of the delta.
 
 Non-2-D floating parameters (biases, LayerNorm, class token, the patch-embedding conv) are kept whole
-per task. See MASS.md §1.
+per task. See MASS.md §1. The top-k SVDs come from :mod:`mass.svd_solvers` (full or randomised, fp32).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import Checkpoint, CheckpointError, check_shapes, match_keys, open_checkpoint
+from .svd_solvers import DEFAULT_POWER_ITERS, check_solver_options, choose_solver, full_topk, topk_svd
 
 Rank = Union[int, float, None]
 
@@ -92,9 +93,8 @@ def resolve_rank(rank: Rank, shape: tuple, n_tasks: int, key: str) -> int:
 
 
 def truncated_svd(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k thin SVD in fp32."""
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k, :].contiguous()
+    """Top-k of the full thin SVD in fp32 (the exact reference; :func:`decompose` picks a solver)."""
+    return full_topk(delta, k)
 
 
 def _state_dict_of(pretrained: Checkpoint) -> dict[str, torch.Tensor]:
@@ -121,14 +121,39 @@ def open_finetuned(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, Che
     return float_keys, opened
 
 
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be None, a torch.device or a device string, got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available")
+    return device
+
+
 @torch.no_grad()
 def decompose(
     pretrained: Checkpoint,
     finetuned: Mapping[str, Checkpoint],
     rank: Rank = None,
     progress: bool = True,
+    solver: str = "auto",
+    device=None,
+    oversample: Optional[int] = None,
+    power_iters: int = DEFAULT_POWER_ITERS,
 ) -> TaskDecomposition:
-    """Per-task truncated SVD factors of every 2-D delta (one matrix at a time) and whole non-2-D params."""
+    """Per-task truncated SVD factors of every 2-D delta (one matrix, all tasks, at a time) and whole non-2-D
+    params.
+
+    ``solver``: ``"full"`` (exact thin SVD), ``"randomized"`` (range finder with ``oversample`` extra columns,
+    default max(10, k/2), and ``power_iters`` power iterations), or ``"auto"`` (randomised only for large
+    matrices with a narrow sketch: :func:`mass.svd_solvers.choose_solver`). ``device``: where the SVDs run
+    (e.g. ``"cuda"``); the factors are returned on the CPU. Progress: one bar over the matrices, with an ETA.
+    """
+    check_solver_options(solver, oversample, power_iters)
+    device = _resolve_device(device)
     base = _state_dict_of(pretrained)
     for key, value in base.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -137,15 +162,24 @@ def decompose(
     tasks = [name for name, _, _ in opened]
     n_tasks = len(tasks)
     out = TaskDecomposition(tasks=tasks, base=base)
-    for key in tqdm(float_keys, desc="decompose", disable=not progress, leave=False):
-        theta0 = base[key].float()
-        if theta0.dim() == 2:
+    n_matrices = sum(base[key].dim() == 2 for key in float_keys)
+    bar = tqdm(total=n_matrices, desc=f"decompose (T={n_tasks}, {solver} SVD)", unit="matrix",
+               disable=not progress, leave=False)
+    try:
+        for key in float_keys:
+            if base[key].dim() != 2:
+                out.dense[key] = torch.stack([src.get(key_map[key]).float() for _, src, key_map in opened])
+                continue
+            theta0 = base[key].to(device=device, dtype=torch.float32)
             k = resolve_rank(rank, tuple(theta0.shape), n_tasks, key)
-            Us, Ss, Vs = [], [], []
-            for _, src, key_map in opened:
-                U, S, V = truncated_svd(src.get(key_map[key]).float() - theta0, k)
-                Us.append(U), Ss.append(S), Vs.append(V)
-            out.lowrank[key] = LowRankFactors(torch.stack(Us), torch.stack(Ss), torch.stack(Vs))
-        else:
-            out.dense[key] = torch.stack([src.get(key_map[key]).float() for _, src, key_map in opened])
+            # Every task's delta of this one matrix (T × out × in): the memory held is about one layer's.
+            deltas = torch.stack([src.get(km[key]).to(device=device, dtype=torch.float32) - theta0
+                                  for _, src, km in opened])
+            U, S, V = topk_svd(deltas, k, solver, oversample, power_iters)
+            out.lowrank[key] = LowRankFactors(U.cpu(), S.cpu(), V.cpu())
+            del deltas
+            bar.set_postfix_str(f"{key} {choose_solver(solver, tuple(theta0.shape), k, oversample)}", refresh=False)
+            bar.update()
+    finally:
+        bar.close()
     return out

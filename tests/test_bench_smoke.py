@@ -32,6 +32,10 @@ def test_e2e_bench_tiny(tmp_path):
                               "--out", str(tmp_path)])
     rows = report["results"]
     assert {r["provider"] for r in rows} == set(bench.PROVIDERS)
+    # ours once per router mode (both by default), in the same rounds as plain; the others name their mode
+    assert sorted(r["router_mode"] for r in rows if r["provider"] == "ours") == ["top1", "top1", "topk", "topk"]
+    assert all(r["router_mode"] is None for r in rows if r["provider"] in ("plain", "ensemble"))
+    assert all(r["router_mode"] == "top1" for r in rows if r["provider"] in ("authors", "ours_graph"))
     for r in rows:
         if r["provider"] == "ours_graph" and not torch.cuda.is_available():
             assert r["status"] == "skipped"
@@ -49,7 +53,9 @@ def test_e2e_bench_tiny(tmp_path):
             ratios = sorted(a / b for a, b in zip(r["samples_ms"], floor[r["batch"], r["mix"]]))
             assert ratios[0] <= r["paired_ratio_to_plain"]["median"] <= ratios[-1]
     assert all(r["stored_vs_pretrained"] == 2.0 for r in rows if r["provider"] == "ensemble")
-    assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours")
+    assert all("max_rel_err_vs_authors" in r for r in rows if r["provider"] == "ours" and r["router_mode"] == "top1")
+    topk_mixed = [r for r in rows if r["provider"] == "ours" and r["router_mode"] == "topk" and r["mix"] == "mixed"]
+    assert len(topk_mixed) == 1 and "two-task set" in topk_mixed[0]["reason"]
     assert report["env"]["malloc"] == "default"
     assert all(r["memory"]["peak_above_start_bytes"] > 0 for r in rows if r["status"] == "ok")
     for env_key in ("device", "torch", "triton", "git_commit", "date"):
@@ -168,3 +174,26 @@ def test_peak_memory_keeps_the_profilers_native_log_off_stderr():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stderr.strip() == "after", out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) >= 4_000_000
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_merge_time_rows(tmp_path, estimate):
+    """`mass bench --merge-only`: one row per solver, phases that add up, accuracy against the full solver."""
+    argv = ["--models", "tiny", "--tasks", "2", "--merge-only", "--merge-solvers", "full", "randomized",
+            "--malloc", "default", "--out", str(tmp_path)] + (["--merge-estimate"] if estimate else [])
+    report = bench.run_bench(argv)
+    rows = report["merge"]
+    assert report["results"] == [] and [r["solver"] for r in rows] == ["full", "randomized"]
+    for r in rows:
+        assert r["merge_s"] > 0 and r["decompose_s"] > 0
+        assert r["merge_s"] == pytest.approx(r["decompose_s"] + r["first_pass_weights_s"], rel=1e-9)
+    if not estimate:
+        full, rand = rows
+        assert full["solvers_used"] == ["full"] and rand["solvers_used"] == ["randomized"]
+        assert full["accuracy"]["recon_ratio_max"] < 1 + 1e-3  # the exact truncation, up to fp32 rounding
+        assert full["accuracy"]["tsv_delta_rel_change_vs_full_max"] is None
+        assert rand["accuracy"]["recon_ratio_median"] >= 1 - 1e-3
+        assert rand["accuracy"]["tsv_delta_rel_change_vs_full_max"] is not None
+    md = next(n for n in os.listdir(tmp_path) if n.endswith("-summary.md"))
+    text = (tmp_path / md).read_text()
+    assert "## Merge time" in text and "| latency ms |" not in text
