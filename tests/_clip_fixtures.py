@@ -153,3 +153,25 @@ def write_saved_dataset(path, items, class_names, split: str = "test") -> Path:
     ds = Dataset.from_dict({"image": [im for im, _ in items], "label": [c for _, c in items]}, features=features)
     DatasetDict({split: ds}).save_to_disk(str(path))
     return Path(path)
+
+
+def fine_tune(vision, x: torch.Tensor, y: torch.Tensor, head: torch.Tensor, steps: int = 25, lr: float = 3e-3,
+              seed: int = 0) -> dict:
+    """A copy of ``vision`` trained on (x, y) against a fixed zero-shot head (projection frozen, as the public
+    fine-tuned towers are); returns its state dict. Full batch, Adam, deterministic."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(vision).train()
+    model.visual_projection.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    w = F.normalize(head.float(), dim=-1)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = 100.0 * F.normalize(model(pixel_values=x).image_embeds, dim=-1) @ w.T
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.eval().state_dict().items()}
