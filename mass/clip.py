@@ -245,12 +245,20 @@ def _alignments(ref: list[str], src: set[str]):
                     yield lambda r, p=p: r[len(p):] if r.startswith(p) else None
 
 
+def _inside_tower(arch, key: str) -> bool:
+    """Whether ``key`` belongs to the vision transformer itself (not a projection put on top of it)."""
+    if key == arch.proj_key:
+        return False
+    return not arch.root_name or key.startswith(arch.root_name + ".")
+
+
 def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.Module,
                      reference: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[dict, list[str]]:
     """``sd`` re-keyed to ``pretrained``'s state-dict keys; keys it lacks take the pretrained value.
 
-    open_clip names are converted first. Keys outside the transformer blocks may be missing (they count as
-    unchanged: returned in the list); a missing key inside a block or a shape mismatch is an error.
+    open_clip names are converted first. Parameters on top of the vision transformer (``visual_projection``,
+    open_clip's ``proj``) may be missing: they count as unchanged (returned in the list). A missing key of the
+    transformer itself or a shape mismatch is an error.
     """
     from .convert import is_openclip_state_dict, openclip_to_hf
 
@@ -270,11 +278,12 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
         if len(found) > len(best):
             best = found
     missing = [r for r in ref if r not in best]
-    in_blocks = [k for k in missing if any(k.startswith(b + ".") for b in arch.block_names)]
-    if in_blocks or len(best) < len(ref) / 2:
+    inside = [k for k in missing if _inside_tower(arch, k)]
+    if inside or not best:
         raise CheckpointError(
-            f"checkpoint {name!r} does not match the pretrained model: {len(missing)} of its {len(ref)} parameters "
-            f"are missing (e.g. {missing[:3]}); source keys look like {sorted(src)[:3]}"
+            f"checkpoint {name!r} does not match the pretrained model: {len(missing)} missing keys "
+            f"(e.g. {(inside or missing)[:3]}) of its {len(ref)}; only parameters on top of the vision transformer "
+            f"(such as visual_projection) may be absent. Its keys look like {sorted(src)[:3]}"
         )
     out = {}
     for r in ref:
@@ -292,7 +301,7 @@ def _passes_through(name: str, source, ref: list[str]) -> bool:
     """Whether ``mass.merge`` already reads ``source`` as it is (a path or dict whose keys match exactly,
     up to one prefix): then it is handed on untouched, with mass.checkpoints' lazy reading. Unreadable
     sources raise mass.checkpoints' own errors here."""
-    if isinstance(source, nn.Module) or is_hub_id(source):
+    if is_clip_model(source) or is_hub_id(source):
         return False
     opened = open_checkpoint(name, source)
     try:

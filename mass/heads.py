@@ -24,7 +24,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 Templates = Union[None, Sequence[str], Mapping[str, Sequence[str]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Head:
     """One task's classifier: unit-norm class embeddings (C, D) and the C class names, in label order."""
 

@@ -167,8 +167,11 @@ def test_mmap_safetensors_matches_load_file(tmp_path):
 def test_checkpoints_that_do_not_fit_are_refused(setup):
     _, clip, _, ft = setup
     no_block = {k: v for k, v in ft.items() if "layers.0.mlp.fc1" not in k}
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing keys"):
         prepare(copy.deepcopy(clip), {"t": no_block})
+    no_cls = {k: v for k, v in ft.items() if "class_embedding" not in k}  # inside the tower: not "unchanged"
+    with pytest.raises(CheckpointError, match="missing keys.*class_embedding"):
+        prepare(copy.deepcopy(clip), {"t": without_projection(no_cls)})
     wrong = dict(ft)
     wrong["vision_model.post_layernorm.weight"] = torch.ones(7)
     with pytest.raises(CheckpointError, match="shape"):  # re-keyed here
