@@ -356,7 +356,7 @@ def evaluate(
     )
     if latency and routed and mixed:
         batch = torch.cat(mixed)[:batch_size].to(device)
-        plain = static.get("zero_shot") or copy_with(None)
+        plain = static["zero_shot"] if "zero_shot" in static else copy_with(None)
         args, kwargs = _args(plain, batch)
         plain_ms = _median_ms(lambda: plain(*args, **kwargs), latency_repeats, device)
         for name, model in routed.items():
