@@ -114,11 +114,15 @@ def load_clip(source, **kwargs) -> nn.Module:
     """A full HF ``CLIPModel`` (vision + text towers) from a module, a local directory or a hub id."""
     if isinstance(source, nn.Module):
         return source
-    from transformers import CLIPModel
+    from transformers import AutoConfig, CLIPModel
 
     def load():
+        config = AutoConfig.from_pretrained(str(source), **kwargs)
+        if config.model_type != "clip":  # transformers would build a random text tower around a vision model
+            raise CheckpointError(f"{source!r} holds a {config.model_type!r} model, not a full CLIP model "
+                                  f"(vision and text towers)")
         with _quiet_transformers():
-            return CLIPModel.from_pretrained(str(source), **kwargs).eval()
+            return CLIPModel.from_pretrained(str(source), config=config, **kwargs).eval()
 
     if is_hub_id(source):
         return from_hub("CLIP model", source, load)

@@ -154,8 +154,8 @@ def run(args) -> int:
     except HubUnavailableError:
         raise
     except (OSError, ValueError, TypeError) as exc:
-        raise EvalUsageError(f"zero-shot heads need a full CLIP model (text tower): {text_source!r} is not one "
-                             f"({exc.__class__.__name__}); pass --text-model") from exc
+        raise EvalUsageError(f"the zero-shot heads need a CLIP text tower: {exc}; pass --text-model ID_OR_DIR "
+                             f"(a full CLIP model)") from exc
     vision = vision_encoder(clip) if text_source == pretrained else load_vision(pretrained)
     image_size = vision.config.image_size if hasattr(vision, "config") else None
     preprocess = ClipPreprocess.from_pretrained(text_source, image_size=image_size)

@@ -281,3 +281,12 @@ def test_eval_cli_explicit_form(bench, tmp_path, capsys):
     assert (tmp_path / "out" / "routing_confusion_top1.png").exists()
     assert main(["--pretrained", str(bench["clip_dir"]), "--out", str(tmp_path / "x")]) == 2
     assert "no fine-tuned checkpoints" in capsys.readouterr().err
+    from transformers import CLIPVisionModelWithProjection
+
+    tower = CLIPVisionModelWithProjection(copy.deepcopy(bench["clip"].config.vision_config))
+    tower.save_pretrained(str(tmp_path / "vision_only"))
+    explicit = ["--finetuned", f"task0={ft_paths['task0']}", "--data", f"task0={root / 'data' / 'task0'}",
+                "--out", str(tmp_path / "y"), "--quiet"]
+    assert main(["--pretrained", str(tmp_path / "vision_only")] + explicit) == 2  # no text tower for the heads
+    err = capsys.readouterr().err
+    assert "not a full CLIP model" in err and "--text-model" in err
