@@ -58,6 +58,16 @@ def resolve_routers(routers) -> dict[str, RouterConfig]:
     return {r: ROUTERS[r]() for r in routers}
 
 
+def _nan_to_none(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 @dataclass
 class EvalResult:
     """Accuracies per method and task (fractions), routing per router, storage and latency."""
@@ -93,7 +103,8 @@ class EvalResult:
         return out
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        """Strict JSON: an undefined normalised accuracy (individual accuracy 0) is written as null."""
+        text = json.dumps(_nan_to_none(self.to_dict()), indent=2, allow_nan=False)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
