@@ -184,15 +184,19 @@ class HFDatasetData(TaskData):
         features = dataset.features
         image_column = image_column or next((k for k, f in features.items() if isinstance(f, ImageFeature)), None)
         label_column = label_column or next((k for k, f in features.items() if isinstance(f, ClassLabel)), None)
+        if label_column is None and classes is not None:  # integer labels named the usual ways
+            label_column = next((k for k in ("label", "labels", "cls", "target") if k in features), None)
         if image_column not in features or label_column not in features:
-            raise DataError(f"dataset for task {name!r}: need an Image column and a ClassLabel column, found "
-                            f"{ {k: type(f).__name__ for k, f in features.items()} }")
+            raise DataError(f"dataset for task {name!r}: need an Image column and a ClassLabel column (or integer "
+                            f"labels and the class names), found { {k: type(f).__name__ for k, f in features.items()} }")
+        feature = features[label_column]
         if classes is None:
-            feature = features[label_column]
             if not isinstance(feature, ClassLabel):
                 raise DataError(f"dataset for task {name!r}: column {label_column!r} is not a ClassLabel; pass the "
-                                f"class names")
+                                f"class names in label order")
             classes = feature.names
+        elif isinstance(feature, ClassLabel) and len(feature.names) != len(classes):
+            raise DataError(f"dataset for task {name!r} has {len(feature.names)} classes, {len(classes)} names given")
         super().__init__(name, classes, preprocess)
         self._dataset, self._image, self._label = dataset, image_column, label_column
 
@@ -220,9 +224,11 @@ def is_saved_dataset(path) -> bool:
         path / "state.json").exists()
 
 
-def load_task_data(source, preprocess, task: str, split: str = "test", config: Optional[str] = None) -> TaskData:
+def load_task_data(source, preprocess, task: str, split: str = "test", config: Optional[str] = None,
+                   classes: Optional[Sequence[str]] = None) -> TaskData:
     """One task's data from a ``save_to_disk`` directory, an image folder ``root/<class>/*``, or a hub
-    dataset id (``ID`` or ``ID:CONFIG``; downloaded by ``datasets.load_dataset``, online only)."""
+    dataset id (``ID`` or ``ID:CONFIG``; downloaded by ``datasets.load_dataset``, online only). ``classes``
+    names the labels (in label order) where the source's own names are missing or unwanted."""
     if isinstance(source, TaskData):
         return source
     path = Path(source)
@@ -230,8 +236,14 @@ def load_task_data(source, preprocess, task: str, split: str = "test", config: O
         if is_saved_dataset(path):
             from datasets import load_from_disk
 
-            return HFDatasetData(_pick_split(load_from_disk(str(path)), split, str(path)), preprocess, task)
-        return ImageFolderData(path, preprocess, task)
+            data = _pick_split(load_from_disk(str(path)), split, str(path))
+            return HFDatasetData(data, preprocess, task, classes=classes)
+        folder = ImageFolderData(path, preprocess, task)
+        if classes is not None:
+            if len(classes) != len(folder.classes):
+                raise DataError(f"image folder {path} has {len(folder.classes)} classes, {len(classes)} names given")
+            folder.classes = list(classes)
+        return folder
     from .clip import from_hub, is_hub_id
 
     repo, _, cfg = str(source).partition(":")
@@ -240,7 +252,7 @@ def load_task_data(source, preprocess, task: str, split: str = "test", config: O
     from datasets import load_dataset
 
     data = from_hub(f"dataset for task {task!r}:", repo, lambda: load_dataset(repo, cfg or config, split=split))
-    return HFDatasetData(data, preprocess, task)
+    return HFDatasetData(data, preprocess, task, classes=classes)
 
 
 def discover_image_folders(root, preprocess) -> dict[str, TaskData]:

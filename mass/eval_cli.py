@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="ROOT/<task>/<class>/* for tasks without --data")
     p.add_argument("--split", default=None, help="dataset split (default: the preset's, else 'test')")
     p.add_argument("--templates", default=None, help="JSON file: a list of templates, or {task: [templates]}")
+    p.add_argument("--classes", default=None,
+                   help="JSON file {task: [class names in label order]} for data without usable class names")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task (seeded subset)")
     p.add_argument("--methods", default=",".join(_methods()), help="comma list (default: all)")
     p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended")
@@ -146,9 +148,10 @@ def run(args) -> int:
 
         hf_logging.disable_progress_bar()
     pretrained, text_source, finetuned, data_sources = _plan(args)
-    templates = None
-    if args.templates:
-        templates = json.loads(Path(args.templates).read_text())
+    templates = json.loads(Path(args.templates).read_text()) if args.templates else None
+    classes = json.loads(Path(args.classes).read_text()) if args.classes else {}
+    if not isinstance(classes, dict):
+        raise EvalUsageError("--classes must hold a JSON object {task: [class names]}")
     try:
         clip = load_clip(text_source)
     except HubUnavailableError:
@@ -159,7 +162,7 @@ def run(args) -> int:
     vision = vision_encoder(clip) if text_source == pretrained else load_vision(pretrained)
     image_size = vision.config.image_size if hasattr(vision, "config") else None
     preprocess = ClipPreprocess.from_pretrained(text_source, image_size=image_size)
-    data = {t: load_task_data(src, preprocess, t, split=split, config=cfg).subset(args.limit)
+    data = {t: load_task_data(src, preprocess, t, split=split, config=cfg, classes=classes.get(t)).subset(args.limit)
             for t, (src, cfg, split) in data_sources.items()}
     names = {t: [c.replace("_", " ") for c in d.classes] for t, d in data.items()}
     heads = zero_shot_heads(clip, _tokenizer(text_source), names, templates=templates)

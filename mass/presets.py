@@ -3,8 +3,9 @@
 Checkpoints are the fine-tuned vision towers published for FusionBench (``tanganke/clip-vit-<arch>_<task>``,
 HF ``CLIPVisionModel`` directories without ``visual_projection``); the pretrained model is OpenAI's CLIP.
 Class names come from each dataset's ``ClassLabel`` feature. Dataset ids follow FusionBench's test-set
-configurations where we could check them; the others (marked ``verified=False``) are our best guess and can
-be overridden with ``--data TASK=ID_OR_DIR``.
+configurations where we could check them; the others (``verified=False``: fer2013, rendered-sst2) are our best
+guess. None was loaded from here (no network): override an id with ``--data TASK=ID_OR_DIR``, and give
+``--classes`` where a dataset's labels carry no names.
 """
 from __future__ import annotations
 

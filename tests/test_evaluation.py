@@ -213,12 +213,27 @@ def test_data_sources_agree(bench, tmp_path):
         assert la == lb and torch.equal(a, b)
     sub = from_disk.subset(5)
     assert len(sub) == 5 and len(from_disk) == 12
+    from datasets import Dataset, Features, Image, Value
+
+    plain = Dataset.from_dict({"img": [im for im, _ in items], "cls": [c for _, c in items]},
+                              features=Features({"img": Image(), "cls": Value("int64")}))
+    plain.save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(DataError, match="class names"):  # integer labels: names are needed
+        load_task_data(str(tmp_path / "plain"), pre, "task1")
+    named = load_task_data(str(tmp_path / "plain"), pre, "task1", classes=["r", "g", "b"])
+    assert named.classes == ["r", "g", "b"] and named[3][1] == items[3][1] and torch.equal(named[3][0], folder[3][0])
+    with pytest.raises(DataError, match="2 names given"):
+        load_task_data(str(root_of(folder)), pre, "task1", classes=["a", "b"])
     with pytest.raises(DataError, match="no split 'validation'"):
         load_task_data(str(saved), pre, "task1", split="validation")
     with pytest.raises(DataError, match="no images"):
         ImageFolderData(tmp_path, pre)
     with pytest.raises(DataError, match="neither a directory nor a hub"):
         load_task_data("/no/such/dir", pre, "x")
+
+
+def root_of(folder):
+    return folder._files[0][0].parent.parent
 
 
 def test_preprocess_resizes_crops_and_normalises():
