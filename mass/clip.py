@@ -40,9 +40,14 @@ def hub_offline() -> Optional[str]:
                 None)
 
 
+_FILE_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".json"}
+
+
 def is_hub_id(source) -> bool:
-    """A string that is not an existing local path and has the shape of a hub repository id."""
-    return isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+    """A string that is not an existing local path and has the shape of a hub repository id (``name`` or
+    ``owner/name``; a checkpoint file name such as ``ckpts/cars.safetensors`` is taken for a path)."""
+    return (isinstance(source, str) and not Path(source).exists() and bool(_HUB_ID.match(source))
+            and Path(source).suffix.lower() not in _FILE_SUFFIXES)
 
 
 def from_hub(what: str, source: str, load):

@@ -178,8 +178,9 @@ def test_checkpoints_that_do_not_fit_are_refused(setup):
         prepare(copy.deepcopy(clip), {"t": without_projection(wrong)})
     with pytest.raises(CheckpointError, match="shape"):  # passed through, refused by the decomposition
         mass.clip.merge(copy.deepcopy(clip), {"t": wrong}, progress=False)
-    with pytest.raises(CheckpointError, match="no such file"):
-        prepare(copy.deepcopy(clip), {"t": "/nonexistent/dir/model.safetensors"})
+    for missing in ("/nonexistent/dir/model.safetensors", "ckpts/cars.safetensors"):  # paths, not hub ids
+        with pytest.raises(CheckpointError, match="no such file"):
+            prepare(copy.deepcopy(clip), {"t": missing})
     with pytest.raises(CheckpointError, match="non-empty dict"):
         prepare(copy.deepcopy(clip), {})
 
