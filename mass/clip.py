@@ -277,9 +277,8 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
     if is_openclip_state_dict(sd.keys()) and arch.kind == "hf":
         try:
             sd = openclip_to_hf(sd, ref)
-        except CheckpointError:
-            head = [k for k in ref if not k.startswith(arch.root_name + ".")] if arch.root_name else []
-            sd = openclip_to_hf(sd, [k for k in ref if k not in head])  # open_clip without ``proj``
+        except CheckpointError:  # open_clip without ``proj``: map the tower's keys only
+            sd = openclip_to_hf(sd, [k for k in ref if _inside_tower(arch, k)])
     src = set(sd)
     best: dict[str, str] = {}
     for align in _alignments(ref, src):
@@ -325,7 +324,8 @@ def prepare(pretrained, finetuned: Mapping[str, Checkpoint]) -> tuple[nn.Module,
 
     ``pretrained``: a CLIPModel (its vision tower with the projection, sharing its modules), a vision model,
     a directory or a hub id. ``finetuned``: per task a module, state dict, file, directory or hub id, HF- or
-    open_clip-named; keys it lacks outside the blocks take the pretrained value (one warning names them).
+    open_clip-named; a projection on top of the tower that it lacks takes the pretrained value (one warning
+    names the keys and tasks).
     """
     model = load_vision(pretrained)
     if not isinstance(finetuned, Mapping) or not finetuned:
