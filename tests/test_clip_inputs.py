@@ -64,6 +64,10 @@ def _write(kind, root, clip, ft):
         model = copy.deepcopy(clip)
         vision_encoder(model).load_state_dict(ft)
         model.save_pretrained(str(path))
+    elif kind == "fusionbench_dir":  # saved by transformers 4: "vision_model." keys, no visual_projection
+        path.mkdir()
+        save_file({k: v.contiguous() for k, v in without_projection(ft).items()}, str(path / "model.safetensors"))
+        (path / "config.json").write_text(clip.config.vision_config.to_json_string())
     elif kind == "safetensors_bare":  # CLIPModel.vision_model.state_dict(): no prefix, no projection
         path = path.with_suffix(".safetensors")
         save_file({k[len("vision_model."):]: v.contiguous() for k, v in without_projection(ft).items()}, str(path))
@@ -87,9 +91,9 @@ def _write(kind, root, clip, ft):
     return path
 
 
-FORMATS = ["hf_vision_dir", "hf_projection_dir", "clip_dir", "safetensors_bare", "safetensors", "pt_parent_prefix",
+FORMATS = ["hf_vision_dir", "fusionbench_dir", "hf_projection_dir", "clip_dir", "safetensors_bare", "safetensors", "pt_parent_prefix",
            "openclip_pt", "openclip_no_proj", "module", "state_dict"]
-LACKS_PROJECTION = {"hf_vision_dir", "safetensors_bare", "pt_parent_prefix", "openclip_no_proj"}
+LACKS_PROJECTION = {"hf_vision_dir", "fusionbench_dir", "safetensors_bare", "pt_parent_prefix", "openclip_no_proj"}
 
 
 @pytest.mark.parametrize("pretrained_kind", ["module", "directory"])
