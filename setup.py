@@ -17,6 +17,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.40"],
+        # mass eval: hub/local datasets (datasets does not pull torchvision), PIL preprocessing, plots
+        "eval": ["transformers>=4.40", "datasets>=2.14", "pillow>=10", "matplotlib>=3.7"],
         "dev": [
             "pytest>=7",
             "pytest-benchmark>=4",
@@ -24,6 +26,7 @@ setup(
             "scikit-learn>=1.3",
             "pillow>=10",
             "transformers>=4.40",
+            "datasets>=2.14",
         ],
     },
     entry_points={"console_scripts": ["mass=mass.cli:main"]},

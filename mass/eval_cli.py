@@ -1,0 +1,196 @@
+"""``mass eval``: checkpoints + labelled data → the paper's accuracy table (JSON, Markdown, PNG).
+
+    mass eval --preset vit-b-32-8 --out results/                       # online: the public 8-task benchmark
+    mass eval --pretrained ID_OR_DIR --finetuned TASK=ID_OR_PATH ... --data TASK=DIR_OR_ID ... --out DIR
+
+Heads are zero-shot heads from the CLIP text tower of ``--text-model`` (default: ``--pretrained``, which
+must then be a full CLIP model). Until ``mass.cli`` registers the subcommand, run ``python -m mass.eval_cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .clip import HubUnavailableError
+
+
+class EvalUsageError(ValueError):
+    pass
+
+
+def _pairs(items, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise EvalUsageError(f"{flag} takes TASK=VALUE, got {item!r}")
+        if name in out:
+            raise EvalUsageError(f"{flag}: task {name!r} given twice")
+        out[name] = value
+    return out
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _rank(text):
+    if text is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    raise EvalUsageError(f"--rank must be an int or a fraction, got {text!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--preset", default=None, help="public benchmark: vit-b-32-8, vit-b-16-14, vit-l-14-20, ...")
+    p.add_argument("--pretrained", default=None, help="CLIP model (hub id or directory); overrides the preset's")
+    p.add_argument("--text-model", default=None,
+                   help="full CLIP model whose text tower makes the zero-shot heads (default: --pretrained)")
+    p.add_argument("--finetuned", nargs="+", metavar="TASK=ID_OR_PATH", default=None,
+                   help="fine-tuned checkpoints: hub ids, HF directories, .safetensors, .pt, open_clip names")
+    p.add_argument("--data", nargs="+", metavar="TASK=DIR_OR_ID", default=None,
+                   help="labelled data: image folder DIR/<class>/*, a save_to_disk directory, or a hub dataset "
+                        "id (ID or ID:CONFIG)")
+    p.add_argument("--data-root", default=None, help="ROOT/<task>/<class>/* for tasks without --data")
+    p.add_argument("--split", default=None, help="dataset split (default: the preset's, else 'test')")
+    p.add_argument("--templates", default=None, help="JSON file: a list of templates, or {task: [templates]}")
+    p.add_argument("--classes", default=None,
+                   help="JSON file {task: [class names in label order]} for data without usable class names")
+    p.add_argument("--limit", type=int, default=None, help="at most N samples per task (seeded subset)")
+    p.add_argument("--methods", default=",".join(_methods()), help="comma list (default: all)")
+    p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended")
+    p.add_argument("--rank", default=None, help="k per matrix: int or fraction (default floor(min(out,in)/T))")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
+    return p
+
+
+def _methods():
+    from .evaluation import METHODS
+
+    return METHODS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``mass`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="accuracy table of MASS vs merges on checkpoints + labelled data")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _plan(args):
+    """Pretrained source, text source, {task: checkpoint}, {task: (data source, config, split)}."""
+    from .presets import preset
+
+    pre = preset(args.preset) if args.preset else None
+    pretrained = args.pretrained or (pre.pretrained if pre else None)
+    if pretrained is None:
+        raise EvalUsageError("give --preset, or --pretrained with --finetuned and --data")
+    finetuned = dict(pre.finetuned) if pre else {}
+    finetuned.update(_pairs(args.finetuned, "--finetuned"))
+    if not finetuned:
+        raise EvalUsageError("no fine-tuned checkpoints: give --finetuned TASK=ID_OR_PATH ... (or --preset)")
+    given = _pairs(args.data, "--data")
+    unknown = sorted(set(given) - set(finetuned))
+    if unknown:
+        raise EvalUsageError(f"--data names tasks without a fine-tuned checkpoint: {unknown}")
+    specs = {t.name: t for t in pre.tasks} if pre else {}
+    data = {}
+    for task in finetuned:
+        spec = specs.get(task)
+        split = args.split or (spec.split if spec else "test")
+        if task in given:
+            data[task] = (given[task], None, split)
+        elif args.data_root:
+            data[task] = (str(Path(args.data_root) / task), None, split)
+        elif spec is not None:
+            data[task] = (spec.dataset, spec.config, split)
+        else:
+            raise EvalUsageError(f"no data for task {task!r}: give --data {task}=DIR_OR_ID or --data-root ROOT")
+    return pretrained, args.text_model or pretrained, finetuned, data
+
+
+def _tokenizer(source):
+    from transformers import AutoTokenizer
+
+    from .clip import from_hub, is_hub_id
+
+    if is_hub_id(source):
+        return from_hub("tokenizer of", source, lambda: AutoTokenizer.from_pretrained(source))
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise EvalUsageError(f"{source!r} has no usable tokenizer for the zero-shot heads ({exc})") from exc
+
+
+def run(args) -> int:
+    from .clip import load_clip, load_vision, vision_encoder
+    from .data import ClipPreprocess, load_task_data
+    from .evaluation import evaluate
+    from .heads import zero_shot_heads
+
+    if args.batch_size < 1:
+        raise EvalUsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    pretrained, text_source, finetuned, data_sources = _plan(args)
+    templates = json.loads(Path(args.templates).read_text()) if args.templates else None
+    classes = json.loads(Path(args.classes).read_text()) if args.classes else {}
+    if not isinstance(classes, dict):
+        raise EvalUsageError("--classes must hold a JSON object {task: [class names]}")
+    try:
+        clip = load_clip(text_source)
+    except HubUnavailableError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise EvalUsageError(f"the zero-shot heads need a CLIP text tower: {exc}; pass --text-model ID_OR_DIR "
+                             f"(a full CLIP model)") from exc
+    vision = vision_encoder(clip) if text_source == pretrained else load_vision(pretrained)
+    image_size = vision.config.image_size if hasattr(vision, "config") else None
+    preprocess = ClipPreprocess.from_pretrained(text_source, image_size=image_size)
+    data = {t: load_task_data(src, preprocess, t, split=split, config=cfg, classes=classes.get(t)).subset(args.limit)
+            for t, (src, cfg, split) in data_sources.items()}
+    names = {t: [c.replace("_", " ") for c in d.classes] for t, d in data.items()}
+    heads = zero_shot_heads(clip, _tokenizer(text_source), names, templates=templates)
+    result = evaluate(vision, finetuned, data, heads, methods=_csv(args.methods), routers=_csv(args.routers),
+                      rank=_rank(args.rank), batch_size=args.batch_size, progress=not args.quiet,
+                      latency=not args.no_latency, device=args.device, num_workers=args.num_workers)
+    result.config.update(pretrained=str(pretrained), text_model=str(text_source), preset=args.preset,
+                         finetuned={t: str(c) for t, c in finetuned.items()},
+                         data={t: str(s[0]) for t, s in data_sources.items()}, limit=args.limit)
+    paths = result.save(args.out)
+    print(result.to_markdown())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    from .cli import USER_ERRORS, UserError
+
+    parser = add_arguments(argparse.ArgumentParser(prog="mass eval", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, *USER_ERRORS) as exc:
+        if os.environ.get("MASS_DEBUG"):
+            raise
+        print(f"mass: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
