@@ -114,3 +114,25 @@ def test_stop_of_one_first_pass_never_ends_another_call(images):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(run, range(4)))
     assert not errors, errors[:3]
+
+
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_a_call_changes_no_shared_module(images, reuse_prefix):
+    """What another thread could see mid-call: every module's hooks, instance attributes and class are the same
+    during a call (read from inside the forward) as before it."""
+    pretrained, finetuned, _ = make_setup("openclip_sf", n_tasks=3, scale=0.2)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1, threshold=0.1),
+                       reuse_prefix=reuse_prefix, progress=False)
+
+    def shape_of_modules():
+        return [(name, type(m), dict(m._forward_pre_hooks), dict(m._forward_hooks),
+                 {k: id(v) for k, v in m._parameters.items()}, {k: id(v) for k, v in m._buffers.items()},
+                 {k: v for k, v in m.__dict__.items() if not k.startswith("_")}) for name, m in model.named_modules()]
+
+    seen = []
+    probe = model.arch.blocks[-1].register_forward_pre_hook(lambda m, a: seen.append(shape_of_modules()))
+    before = shape_of_modules()
+    model(images)
+    model(images, task_ids=torch.tensor([[0, 1]] * images.shape[0]))
+    probe.remove()
+    assert len(seen) == 2 and all(s == before for s in seen)
