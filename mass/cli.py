@@ -65,7 +65,8 @@ def load_pretrained_hf(path: str):
     p = Path(path)
     if not p.is_dir() or not os.path.lexists(p / "config.json"):
         raise UserError(f"--pretrained must be a HF model directory with config.json: {path}")
-    weights = [p / n for n in ("model.safetensors", "pytorch_model.bin") if os.path.lexists(p / n)]
+    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    weights = [p / n for n in names if os.path.lexists(p / n)]
     if not weights:
         raise UserError(f"--pretrained {path} has no weights (model.safetensors or pytorch_model.bin)")
     for file in [p / "config.json", *weights]:

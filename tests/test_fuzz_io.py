@@ -5,6 +5,7 @@ Saved models are forged with a valid checksum where a case must reach the valida
 """
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -384,16 +385,20 @@ def test_saving_onto_a_file_is_refused(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- interrupts
+def _disk_full(message):
+    return OSError(errno.ENOSPC, f"No space left on device ({message})")
+
+
 class Faults:
     """Counts the calls a save makes to the functions that write, rename, sync or delete, and raises
-    KeyboardInterrupt at call number ``at`` (never when ``at`` is None)."""
+    ``fault`` (KeyboardInterrupt by default) at call number ``at`` (never when ``at`` is None)."""
 
     NAMES = ("open", "close", "fsync", "replace", "chmod", "unlink")
 
-    def __init__(self, monkeypatch, at=None):
+    def __init__(self, monkeypatch, at=None, fault=KeyboardInterrupt):
         import safetensors.torch
 
-        self.at, self.calls = at, []
+        self.at, self.fault, self.calls = at, fault, []
         for name in self.NAMES:
             monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
         monkeypatch.setattr(safetensors.torch, "save_file", self._wrap("save_file", safetensors.torch.save_file))
@@ -404,7 +409,7 @@ class Faults:
             if len(self.calls) - 1 == self.at:
                 if name == "save_file":  # interrupted half-way through writing its file
                     Path(args[1]).write_bytes(b"partial")
-                raise KeyboardInterrupt(f"fault at step {self.at} ({name})")
+                raise self.fault(f"fault at step {self.at} ({name})")
             return fn(*args, **kwargs)
         return wrapper
 
@@ -418,9 +423,10 @@ def new_model(model, saved, tmp_path_factory):
                                           router=mass.RouterConfig(layer=1, mode="top1"))
 
 
-@pytest.mark.parametrize("old_format", [2, 1])
+@pytest.mark.parametrize("old_format,fault", [(2, KeyboardInterrupt), (1, KeyboardInterrupt), (2, _disk_full)],
+                         ids=["interrupt", "interrupt_over_format_1", "disk_full"])
 def test_an_interrupt_at_any_step_of_a_save_leaves_the_old_or_the_new_model_whole(
-        model, saved, new_model, tmp_path, monkeypatch, old_format):
+        model, saved, new_model, tmp_path, monkeypatch, old_format, fault):
     config, tensors, saved_dir = saved
 
     def fresh(i):
@@ -442,8 +448,8 @@ def test_an_interrupt_at_any_step_of_a_save_leaves_the_old_or_the_new_model_whol
         d = fresh(i)
         before = {p.name: p.read_bytes() for p in d.iterdir()}
         with monkeypatch.context() as m:
-            faults = Faults(m, at=i)
-            with pytest.raises(KeyboardInterrupt):
+            faults = Faults(m, at=i, fault=fault)
+            with pytest.raises(KeyboardInterrupt if fault is KeyboardInterrupt else OSError, match=f"fault at step {i}"):
                 new_model.save_pretrained(d)
         assert faults.calls[: i + 1] == names[: i + 1]  # the same sequence of steps each time
         listing = sorted(p.name for p in d.iterdir())

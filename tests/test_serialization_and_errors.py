@@ -1,6 +1,5 @@
 """Save → load is bit-exact; broken files and bad inputs fail with errors that name the problem."""
 import copy
-import os
 from pathlib import Path
 
 import pytest
