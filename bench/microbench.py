@@ -59,8 +59,9 @@ LAYERS = {  # (out, in) as functions of (hidden, mlp)
     "fc2": lambda d, m: (d, m),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOWRANK_PROVIDERS = ("floor", "eager_loop", "gather_bmm", "compiled", "fused", "vendor", "ours")
-CANDIDATE_PROVIDERS = ("fused", "vendor")  # the Triton candidates: CUDA only
+LOWRANK_PROVIDERS = ("floor", "eager_loop", "gather_bmm", "compiled", "ours")
+CANDIDATE_PROVIDERS = ("fused", "vendor")  # the Triton candidates of "ours": CUDA only, no rows on a CPU run
+ALL_PROVIDERS = LOWRANK_PROVIDERS[:-1] + CANDIDATE_PROVIDERS + LOWRANK_PROVIDERS[-1:]  # table/plot order
 ROUTING_PROVIDERS = ("floor", "eager_loop", "compiled", "ours")
 
 
@@ -238,9 +239,6 @@ def bench_lowrank(case: LowrankCase, device, args, rows: list):
                                   "reason": f"gathered factors need {gathered / 2**30:.1f} GiB > cap {args.gather_cap_gib} GiB"}
         if "compiled" in args.providers and args.no_compile:
             info["compiled"] = {"status": "skipped", "reason": "--no-compile", "max_rel_err": None}
-        for name in CANDIDATE_PROVIDERS:
-            if name in args.providers and device.type != "cuda":
-                info[name] = {"status": "skipped", "reason": "Triton candidates run on CUDA", "max_rel_err": None}
         _finish(rows, base, to_time, info, _timing_kwargs(args), device, args.memory)
 
 
@@ -305,7 +303,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--topk", nargs="+", type=int, default=None, choices=[1, 2])
     p.add_argument("--mix", nargs="+", default=None, choices=["mixed", "homogeneous"])
     p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
-    p.add_argument("--providers", nargs="+", default=list(LOWRANK_PROVIDERS), choices=list(LOWRANK_PROVIDERS))
+    p.add_argument("--providers", nargs="+", default=list(ALL_PROVIDERS), choices=list(ALL_PROVIDERS),
+                   help="fused/vendor (the Triton candidates) run on CUDA only")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--repeats", type=int, default=None, help="CPU: minimum timed rounds")
@@ -400,7 +399,7 @@ def markdown(result: dict) -> str:
     groups: dict = {}
     for r in result["results"]:
         groups.setdefault(_case(r), {})[r["provider"]] = r
-    provs = [p for p in LOWRANK_PROVIDERS if any(p in g for g in groups.values())]
+    provs = [p for p in ALL_PROVIDERS if any(p in g for g in groups.values())]
     lines.append("| op | model | layer | batch | T | top | mix | dtype | " + " | ".join(provs) + " |")
     lines.append("|" + "---|" * (8 + len(provs)))
     for key, g in groups.items():
@@ -440,9 +439,9 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    colours = dict(zip(LOWRANK_PROVIDERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = dict(zip(ALL_PROVIDERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, panel in zip(axes.flat, panels):
-        for prov in LOWRANK_PROVIDERS:
+        for prov in ALL_PROVIDERS:
             if prov in points[panel]:
                 x, y = zip(*sorted(points[panel][prov]))
                 ax.plot(x, y, "o", ms=3.5, alpha=0.75, color=colours[prov], label=prov)

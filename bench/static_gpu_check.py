@@ -192,12 +192,14 @@ def spills(r: dict) -> bool:
 
 def failures(results: list[dict]) -> list[str]:
     """What makes the check fail: compile errors, and spills in any variant a launch can pick (fp32 configs
-    that spill are not autotune candidates, so they are not compiled here)."""
+    that spill are not autotune candidates, so they are not compiled here). Low-rank kernels at a rank that
+    is not a multiple of 16 are reported but do not fail: CUDA banks are padded (``mass_kernels.pad_rank``),
+    and unpadded k = 38 spills on sm_80 in the largest tiles."""
     bad = []
     for r in results:
         if not r["ok"]:
             bad.append(f"compile failed: {_label(r)}: {r['error']}")
-        elif spills(r):
+        elif spills(r) and (r["kernel"] == "routing" or r["k"] % 16 == 0):
             bad.append(f"spills {r['stack']} B: {_label(r)}")
     return bad
 
@@ -221,7 +223,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Static GPU check — triton {result['triton']}, {result['date']}", "",
              f"{len(rows)} compilations ({result['subset']} set), "
              f"{sum(not r['ok'] for r in rows)} failed, {sum(r['ok'] and spills(r) for r in rows)} with spills "
-             f"({sum(r['ok'] and spills(r) and r['dtype'] in ('bf16', 'fp16') for r in rows)} of them 16-bit). "
+             f"({sum(r['ok'] and spills(r) and r['dtype'] in ('bf16', 'fp16') for r in rows)} of them 16-bit, "
+             f"{sum(r['ok'] and spills(r) and r['kernel'] != 'routing' and r['k'] % 16 != 0 for r in rows)} at an "
+             "unpadded rank, which the library does not launch on CUDA: banks are padded by mass_kernels.pad_rank). "
              f"Lowrank kernels at {D_IN} → {D_OUT}, {ROWS} rows; routing at D = {D_IN}. Stack = bytes of local stack "
              "per thread (spills). fp32 rows list only the autotune candidates (configs that spill are dropped "
              "from fp32 autotuning: mass_kernels.lowrank._LINEAR_FP32/_SHRINK_FP32).", "",

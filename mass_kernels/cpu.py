@@ -10,9 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-_DIRECT_CHUNK = 1 << 22  # elements of the (T, rows, D) residual block materialised at once
-
-
 def unit_row_tolerance(dtype: torch.dtype) -> float:
     """Rows of a routing basis whose squared norm is within this of 1 count as unit rows: a unit vector
     rounded entrywise to ``dtype`` has |‖b‖² − 1| ≤ 2u + u² (u = eps/2), and an fp32 SVD's rows are unit to
@@ -25,10 +22,12 @@ def row_weights_of(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``norm="sv"`` scales them so, the plain router has w = 1): w_i = ‖b_i‖² in fp64, snapped to 1 within
     :func:`unit_row_tolerance` (such rows are used as stored), other rows divided by their norm (zero rows
     stay zero). Directions in the basis' dtype promoted to at least fp32, weights fp64."""
-    w = basis.double().square().sum(-1)
-    unit = (w - 1.0).abs() <= unit_row_tolerance(basis.dtype)
-    w = torch.where(unit, torch.ones_like(w), w)
     dirs = basis.to(torch.promote_types(basis.dtype, torch.float32))
+    w = dirs.square().sum(-1, dtype=torch.float64)  # squares rounded once (relative u), summed in fp64
+    unit = (w - 1.0).abs() <= unit_row_tolerance(basis.dtype)
+    if bool(unit.all()):  # the plain router: nothing to rescale (one host sync; this is the CPU path)
+        return dirs, torch.ones_like(w)
+    w = torch.where(unit, torch.ones_like(w), w)
     scale = torch.where(unit | (w == 0), torch.ones_like(w), w.rsqrt()).to(dirs.dtype)
     return dirs * scale.unsqueeze(-1), w
 
@@ -37,27 +36,32 @@ def routing_residuals_torch(x: torch.Tensor, basis: torch.Tensor) -> torch.Tenso
     """Routing residuals ``r_t(x) = sqrt(‖x‖² − ‖B_t x‖²)`` for every row of ``x`` and task t, in fp32 (CPU path).
 
     x: (N, D) or stacked (G, N, D); basis: (T, k, D) or stacked (G, T, k, D) with rows ``√w_i · v_i``
-    (v_i orthonormal, w_i ≤ 1: the plain router's V with w = 1, or ``norm="sv"``'s scaled rows). Returns
-    (N, T) or (G, N, T) fp32, computed without cancellation as ``r² = ‖x − Σ v_i (v_i·x)‖² + Σ (1 − w_i)(v_i·x)²``
-    (:func:`row_weights_of`): the residual vector is formed explicitly (one more GEMM than
-    ``‖x‖² − ‖Bx‖²``, whose cancellation loses half the digits when x lies near the subspace), so the
-    absolute error is O(u·√k·‖x‖), not O(√u·‖x‖): see :func:`routing_error_bound` ("direct"). Routing reads
-    one token per image, so the extra GEMM is cheap.
+    (v_i orthonormal, w_i ≤ 1: the plain router's V with w = 1, or ``norm="sv"``'s scaled rows; see
+    :func:`row_weights_of`). Returns (N, T) or (G, N, T) fp32. One GEMM gives c = V x and
+    ``r² = ‖x‖² − Σ c² + Σ (1 − w) c²``; where that subtraction cancels (r² < ‖x‖²/4: x near task t's
+    subspace, typically one task per row) r² is recomputed without cancellation as
+    ``‖x − Vᵀc‖² + Σ (1 − w) c²`` (one small GEMM per task over those rows). Absolute error O(u·√k·‖x‖)
+    instead of O(√u·‖x‖): see :func:`mass_kernels.reference.routing_error_bound` ("direct").
     """
     dirs, w = row_weights_of(basis)
-    dirs, rest = dirs.float(), (1.0 - w).float().unsqueeze(-2)  # (..., T, 1, k)
+    dirs, rest = dirs.float(), (1.0 - w).float()
     xf = x.float()
     *lead, T, k, D = dirs.shape
     N = xf.shape[-2]
-    out = torch.empty(*lead, N, T, dtype=torch.float32, device=x.device)
-    step = max(1, _DIRECT_CHUNK // max(1, T * D))
-    for start in range(0, N, step):
-        xs = xf[..., start:start + step, :].unsqueeze(-3)  # (..., 1, n, D)
-        coords = xs @ dirs.transpose(-1, -2)  # (..., T, n, k)
-        resid = torch.linalg.vector_norm(xs - coords @ dirs, dim=-1)  # (..., T, n)
-        r2 = resid.square().add_((coords.square() * rest).sum(-1))
-        out[..., start:start + step, :] = r2.clamp_min_(0.0).sqrt_().transpose(-1, -2)
-    return out
+    coords = (xf @ dirs.reshape(*lead, T * k, D).transpose(-1, -2)).reshape(*lead, N, T, k)
+    sq = coords.square()
+    total = xf.square().sum(-1, keepdim=True)  # (..., N, 1)
+    r2 = (total - sq.sum(-1)).add_((sq * rest.unsqueeze(-3)).sum(-1))  # (..., N, T)
+    need = r2 < 0.25 * total
+    if bool(need.any()):
+        xg, cg, dg, rg = xf.reshape(-1, N, D), coords.reshape(-1, N, T, k), dirs.reshape(-1, T, k, D), rest.reshape(-1, T, k)
+        r2g, needg = r2.view(-1, N, T), need.reshape(-1, N, T)
+        for g, t in needg.any(1).nonzero().tolist():
+            rows = needg[g, :, t].nonzero().squeeze(1)
+            c = cg[g, rows, t]  # (m, k)
+            resid = xg[g].index_select(0, rows) - c @ dg[g, t]
+            r2g[g, rows, t] = resid.square().sum(-1) + (c.square() * rg[g, t]).sum(-1)
+    return r2.clamp_min_(0.0).sqrt_()
 
 
 def lowrank_linear_torch(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:

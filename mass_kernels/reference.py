@@ -56,9 +56,11 @@ def routing_error_bound(x: torch.Tensor, basis: torch.Tensor, method: str, unit_
     * ``"fused"`` (Triton: ``sqrt(max(‖x‖² − ‖ĉ‖², 0))``, ĉ = B x): the computed r² is off by at most
       δ = ‖x‖²·[(ω + τ)·s + γ_{D+2} + e√k·s·(2 + e√k) + γ_{k+2}·s·(1 + e√k)² + u(1 + 2s)], hence
       ``|r̂ − r| ≤ min(√δ, δ/r) + 2u·r̂`` — an absolute error of order √u·‖x‖ when r → 0.
-    * ``"direct"`` (CPU, :func:`routing_residuals_torch`): ``|r̂ − r| ≤ E + γ_{D+2}(r + E)`` with
+    * ``"direct"`` (CPU, :func:`routing_residuals_torch`): ``|r̂ − r| ≤ E + γ_{D+2}(r + E) + 2.25·δ'/‖x‖`` with
       E = ‖x‖·[e√k·s + γ_{k+2}√(k·s)·(√s + e√(k·s)) + u(1 + s) + 3u√k·s + (γ_{k+4} + 2e√k)·s] (the last two
-      terms: directions normalised in fp32, and the Σ(1 − w)(v·x)² term) — of order u·√k·‖x‖.
+      terms: directions normalised in fp32, and the Σ(1 − w)(v·x)² term) for the pairs it recomputes, and
+      δ/r ≤ 2.25·δ'/‖x‖ for those it keeps from the subtraction (r̂² ≥ ‖x‖²/4, so r ≥ ‖x‖/√5 while δ' ≤
+      ‖x‖²/20), δ' being δ with the snapped weights (no τ) — of order u·√k·‖x‖ either way.
     """
     if method not in ("fused", "direct"):
         raise ValueError(f"method must be 'fused' or 'direct', got {method!r}")
@@ -75,14 +77,15 @@ def routing_error_bound(x: torch.Tensor, basis: torch.Tensor, method: str, unit_
     ek = e * k ** 0.5
     xn = xd.norm(dim=-1, keepdim=True)  # (..., N, 1)
     r = routing_residuals_exact(x, basis)
+    rounding = (omega.unsqueeze(-2) * s + _gamma(D + 2, u) + ek * s * (2 + ek) + _gamma(k + 2, u) * s * (1 + ek) ** 2
+                + u * (1 + 2 * s))  # δ / ‖x‖² without the unit-row tolerance
     if method == "fused":
-        delta = xn ** 2 * ((omega.unsqueeze(-2) + tau) * s + _gamma(D + 2, u) + ek * s * (2 + ek)
-                           + _gamma(k + 2, u) * s * (1 + ek) ** 2 + u * (1 + 2 * s))
+        delta = xn ** 2 * (tau * s + rounding)
         bound = torch.minimum(delta.sqrt(), delta / r.clamp_min(1e-300))
         return bound + 2 * u * (r + bound)
     big_e = xn * (ek * s + _gamma(k + 2, u) * (k * s).sqrt() * (s.sqrt() + e * (k * s).sqrt()) + u * (1 + s)
                   + 3 * u * k ** 0.5 * s + (_gamma(k + 4, u) + 2 * ek) * s)
-    return big_e + _gamma(D + 2, u) * (r + big_e)
+    return big_e + _gamma(D + 2, u) * (r + big_e) + 2.25 * xn * rounding
 
 
 def lowrank_linear_exact(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias=None) -> torch.Tensor:
