@@ -175,6 +175,19 @@ def _copies(src: set, ref: list[str]) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def copies_of_model(name: str, src: set, ref: list[str]) -> list[tuple[str, str]]:
+    """The ways (see :func:`_copies`) the keys ``src`` hold the model whose keys are ``ref``: none or one. A
+    source holding the model twice (bare keys and an ``ema.`` copy, say) is refused."""
+    copies = _copies(src, ref)
+    if len(copies) > 1:
+        prefixes = " and ".join(repr(p) if kind == "add" else f"without {p!r}" for kind, p in copies)
+        raise CheckpointError(
+            f"checkpoint {name!r} holds the pretrained model's weights more than once (key prefixes "
+            f"{prefixes}); pass a state dict with one copy, e.g. {{k[len(p):]: v for k, v in sd.items() "
+            f"if k.startswith(p)}} for the copy you want")
+    return copies
+
+
 def match_keys(source: TensorSource, reference_keys: list[str]) -> dict[str, str]:
     """Map the pretrained model's keys to the source's keys, allowing one prefix difference.
 
@@ -188,13 +201,7 @@ def match_keys(source: TensorSource, reference_keys: list[str]) -> dict[str, str
     ref = list(reference_keys)
     if not ref:
         return {}
-    copies = _copies(src, ref)
-    if len(copies) > 1:
-        prefixes = " and ".join(repr(p) if kind == "add" else f"without {p!r}" for kind, p in copies)
-        raise CheckpointError(
-            f"checkpoint {source.name!r} holds the pretrained model's weights more than once (key prefixes "
-            f"{prefixes}); pass a state dict with one copy, e.g. {{k[len(p):]: v for k, v in sd.items() "
-            f"if k.startswith(p)}} for the copy you want")
+    copies = copies_of_model(source.name, src, ref)
     if not copies:
         missing = sorted(set(ref) - src)
         unexpected = sorted(src - set(ref))

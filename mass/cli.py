@@ -61,7 +61,8 @@ def _parse_finetuned(items: list[str]) -> dict[str, str]:
 
 
 def load_pretrained_hf(path: str):
-    """An HF CLIP vision model from a local directory (config.json + weights), offline."""
+    """An HF CLIP vision encoder (with the projection where the directory has one) from a local directory
+    (config.json + weights), offline."""
     p = Path(path)
     if not p.is_dir() or not os.path.lexists(p / "config.json"):
         raise UserError(f"--pretrained must be a HF model directory with config.json: {path}")
@@ -71,13 +72,10 @@ def load_pretrained_hf(path: str):
         raise UserError(f"--pretrained {path} has no weights (model.safetensors or pytorch_model.bin)")
     for file in [p / "config.json", *weights]:
         require_regular_file(file, "--pretrained")
-    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+    from .clip import load_vision  # a CLIPModel directory keeps its visual projection
 
     try:
-        config = CLIPVisionConfig.from_pretrained(str(p))
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        cls = CLIPVisionModelWithProjection if "WithProjection" in archs else CLIPVisionModel
-        return cls.from_pretrained(str(p), local_files_only=True).eval()
+        return load_vision(str(p), local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors... for broken files
         raise UserError(f"--pretrained {path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
 
@@ -127,18 +125,21 @@ def cmd_merge(args) -> int:
     finetuned = _parse_finetuned(args.finetuned)
     rank = _parse_rank(args.rank)
     router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features)
+    from .clip import is_hub_id, load_vision
+
     for name, path in finetuned.items():
-        if not os.path.lexists(path):
+        if not os.path.lexists(path) and not is_hub_id(path):
             raise UserError(f"checkpoint {name!r}: no such file {path}")
     _check_out(args.out)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    pretrained = load_pretrained_hf(args.pretrained)
-    keys = list(pretrained.state_dict().keys())
-    ckpts = {n: _load_finetuned(n, p, keys, args.allow_pickle) for n, p in finetuned.items()}
-    model = merge(pretrained, ckpts, rank=rank, router=router, progress=not args.quiet)
+    pretrained = load_vision(args.pretrained) if is_hub_id(args.pretrained) else load_pretrained_hf(args.pretrained)
+    if args.allow_pickle:
+        keys = list(pretrained.state_dict().keys())
+        finetuned = {n: _load_finetuned(n, p, keys, True) for n, p in finetuned.items()}
+    model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet)
     model.save_pretrained(args.out)
     print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
           f"(storage {model.storage_factor():.3f}x the pretrained model)")
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     if add_arguments is not None:
         add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from .eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

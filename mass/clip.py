@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import detect
-from .checkpoints import Checkpoint, CheckpointError, match_keys, open_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, copies_of_model, match_keys, open_checkpoint
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -293,6 +293,7 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
             f"(e.g. {(inside or missing)[:3]}) of its {len(ref)}; only parameters on top of the vision transformer "
             f"(such as visual_projection) may be absent. Its keys look like {sorted(src)[:3]}"
         )
+    copies_of_model(name, src, [r for r in ref if r in best])  # a projection may be absent, a second copy not
     out = {}
     for r in ref:
         value = sd[best[r]] if r in best else reference[r]

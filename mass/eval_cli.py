@@ -4,7 +4,7 @@
     mass eval --pretrained ID_OR_DIR --finetuned TASK=ID_OR_PATH ... --data TASK=DIR_OR_ID ... --out DIR
 
 Heads are zero-shot heads from the CLIP text tower of ``--text-model`` (default: ``--pretrained``, which
-must then be a full CLIP model). Until ``mass.cli`` registers the subcommand, run ``python -m mass.eval_cli``.
+must then be a full CLIP model). Registered as ``mass eval`` by :mod:`mass.cli`.
 """
 from __future__ import annotations
 

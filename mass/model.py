@@ -457,6 +457,9 @@ def merge(
     against the tasks and the embedding width, task names, options) is checked before they run."""
     if not isinstance(pretrained, nn.Module):
         raise TypeError("pretrained must be the pretrained nn.Module (its structure is wrapped in place)")
+    from .clip import prepare  # a CLIPModel's vision tower with its projection; open_clip names; missing proj
+
+    pretrained, finetuned = prepare(pretrained, finetuned)
     arch = detect(pretrained)  # unsupported or already wrapped
     router = check_router(router)
     router.resolved_layers(arch.n_blocks)

@@ -55,7 +55,7 @@ def check_heads(heads, tasks: list[str], width: int) -> Optional[dict[str, torch
     out = {}
     for t in tasks:
         try:
-            h = torch.as_tensor(heads[t])
+            h = torch.as_tensor(getattr(heads[t], "weight", heads[t]))  # a mass.heads.Head too
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"head for task {t!r} must be a (C, D) float tensor: {exc}") from None
         if h.dim() != 2 or not h.is_floating_point():
