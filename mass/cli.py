@@ -139,7 +139,8 @@ def cmd_merge(args) -> int:
     if args.allow_pickle:
         keys = list(pretrained.state_dict().keys())
         finetuned = {n: _load_finetuned(n, p, keys, True) for n, p in finetuned.items()}
-    model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet)
+    model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, solver=args.solver,
+                  device=args.device)
     model.save_pretrained(args.out)
     print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
           f"(storage {model.storage_factor():.3f}x the pretrained model)")
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     merge = sub.add_parser("merge", help="build a MASS model from a pretrained and fine-tuned checkpoints")
-    merge.add_argument("--pretrained", required=True, help="HF CLIP vision model directory")
+    merge.add_argument("--pretrained", required=True, help="HF CLIP (vision) model directory or hub id")
     merge.add_argument("--finetuned", required=True, nargs="+", metavar="NAME=PATH",
                        help="fine-tuned checkpoints: HF directories, .safetensors, or .pt state dicts")
     merge.add_argument("--rank", default=None, help="k per matrix: int, or fraction of min(out, in); "
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--token", default="cls", choices=["cls", "mean"])
     merge.add_argument("--features", default="merged", choices=["merged", "pretrained"],
                        help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
+    merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],
+                       help="SVD solver: exact, randomized range finder, or auto (randomized for large matrices)")
+    merge.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--allow-pickle", action="store_true", help="accept pickled modules in .pt files")
     merge.add_argument("--quiet", action="store_true")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint, CheckpointError, check_shapes, match_keys, open_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, open_checkpoint, open_finetuned
 from .svd_solvers import DEFAULT_POWER_ITERS, check_solver_options, choose_solver, full_topk, topk_svd
 
 Rank = Union[int, float, None]
@@ -102,23 +102,6 @@ def _state_dict_of(pretrained: Checkpoint) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in pretrained.state_dict().items()}
     src = open_checkpoint("pretrained", pretrained)
     return {k: src.get(k).clone() for k in src.keys()}
-
-
-def open_finetuned(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, Checkpoint]):
-    """Open every fine-tuned checkpoint and check its keys and shapes against the pretrained ones."""
-    if not isinstance(finetuned, Mapping) or not finetuned:
-        raise CheckpointError("finetuned must be a non-empty dict: task name -> module, state dict or path")
-    float_keys = [k for k, v in base.items() if v.is_floating_point()]
-    shapes = {k: tuple(v.shape) for k, v in base.items()}
-    opened = []
-    for name, ckpt in finetuned.items():
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"task names must be non-empty strings, got {name!r}")
-        src = open_checkpoint(name, ckpt)
-        key_map = match_keys(src, list(base.keys()))
-        check_shapes(src, key_map, shapes)
-        opened.append((name, src, key_map))
-    return float_keys, opened
 
 
 def _resolve_device(device) -> torch.device:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, open_finetuned
 from .clip import prepare
-from .decompose import Rank, decompose, open_finetuned
+from .decompose import Rank, decompose
 from .heads import head_tensors
 from .merging import task_arithmetic, ties_merging, tsv_merge_from_decomposition
 from .model import MASSModel, extract_embedding

@@ -451,10 +451,13 @@ def merge(
     reuse_prefix: bool = False,
     keep_merged: str = "prefix",
     progress: bool = True,
+    solver: str = "auto",
+    device=None,
 ) -> MASSModel:
     """Decompose T fine-tuned checkpoints of ``pretrained`` and wrap it (in place) as a :class:`MASSModel`.
     Everything that can be checked without the SVDs (model structure, router layers against the depth, heads
-    against the tasks and the embedding width, task names, options) is checked before they run."""
+    against the tasks and the embedding width, task names, options) is checked before they run. ``solver`` and
+    ``device`` choose how and where the SVDs run (see :func:`mass.decompose`)."""
     if not isinstance(pretrained, nn.Module):
         raise TypeError("pretrained must be the pretrained nn.Module (its structure is wrapped in place)")
     from .clip import prepare  # a CLIPModel's vision tower with its projection; open_clip names; missing proj
@@ -470,5 +473,5 @@ def merge(
         for key, value in pretrained.state_dict().items():  # the rank fits every matrix
             if value.is_floating_point() and value.dim() == 2:
                 resolve_rank(rank, tuple(value.shape), len(tasks), key)
-    dec = decompose(pretrained, finetuned, rank=rank, progress=progress)
+    dec = decompose(pretrained, finetuned, rank=rank, progress=progress, solver=solver, device=device)
     return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)
