@@ -167,6 +167,9 @@ def load_mass(directory, base_model: nn.Module, **overrides):
 
     if not isinstance(base_model, nn.Module):
         raise TypeError(f"base_model must be an nn.Module of the saved architecture, got {type(base_model).__name__}")
+    from .adapters import detect
+
+    detect(base_model)  # an unsupported or already wrapped module is refused before anything is read or changed
     config, dec, heads = read_saved(directory)
     kwargs = {"router": router_config(config), "heads": heads, "reuse_prefix": config["reuse_prefix"],
               "keep_merged": config["keep_merged"]}
