@@ -32,9 +32,20 @@ def test_full_rank_forced_task_reproduces_finetuned(arch, images):
 def test_zero_deltas_reproduce_pretrained(arch, images):
     pretrained = build_model(arch)
     reference = copy.deepcopy(pretrained)
-    same = {f"t{i}": copy.deepcopy(pretrained.state_dict()) for i in range(3)}
+    # One task: the same checkpoint under two task names is refused (tests/test_fuzz_io.py).
+    same = {"t0": copy.deepcopy(pretrained.state_dict())}
     model = mass.merge(pretrained, same, router=mass.RouterConfig(layer=1), progress=False)
     torch.testing.assert_close(emb(model(images)), emb(reference(images)), atol=2e-5, rtol=1e-4)
+
+
+def test_merge_refuses_one_checkpoint_under_two_task_names(arch):
+    pretrained, finetuned, _ = make_setup(arch, n_tasks=2, scale=0.2)
+    sd = dict(finetuned)[next(iter(finetuned))]
+    sd = sd if isinstance(sd, dict) else sd.state_dict()
+    before = copy.deepcopy(pretrained.state_dict())
+    with pytest.raises(mass.CheckpointError, match="same weights"):
+        mass.merge(pretrained, {"a": sd, "b": {k: v.clone() for k, v in sd.items()}}, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in pretrained.state_dict().items())  # left as it was
 
 
 @pytest.mark.parametrize("mode", ["top1", "topk", "weighted"])
