@@ -17,6 +17,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+import mass_kernels
+
 from .adapters import Architecture, block_of
 from .decompose import LowRankFactors, TaskDecomposition
 from .layers import MASSLinear, MASSMultiheadAttention, bank_layout
@@ -146,8 +148,8 @@ def read_decomposition(model: nn.Module, arch: Architecture, layers: dict, banks
     dec = TaskDecomposition(tasks=list(tasks), base=base)
     for _, layer, w_key, b_key in targets(layers):
         if isinstance(layer, MASSLinear):
-            factors = (layer.task_U, layer.task_S, layer.task_V)
-            dec.lowrank[w_key] = LowRankFactors(*(f[:T].clone(memory_format=torch.contiguous_format) for f in factors))
+            factors = layer.true_factors(T)
+            dec.lowrank[w_key] = LowRankFactors(*(f.clone(memory_format=torch.contiguous_format) for f in factors))
         else:
             dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
         if layer.bias is not None:
@@ -156,16 +158,15 @@ def read_decomposition(model: nn.Module, arch: Architecture, layers: dict, banks
     dec.dense[cls_key] = base[cls_key].unsqueeze(0) + banks.cls_delta[:T]
     dec.lowrank[pos_key] = banks.pos_factors
     if banks.proj is not None:
-        p = banks.proj
-        dec.lowrank[arch.proj_key] = LowRankFactors(
-            p.task_V[:T].transpose(1, 2).contiguous(), p.task_S[:T].clone(), p.task_U[:T].transpose(1, 2).contiguous()
-        )
+        U, S, V = banks.proj.true_factors(T)  # x @ (P0 + U S V) is held as a linear layer with factors (Vᵀ, S, Uᵀ)
+        dec.lowrank[arch.proj_key] = LowRankFactors(V.transpose(1, 2).contiguous(), S.clone(),
+                                                    U.transpose(1, 2).contiguous())
     return dec
 
 
 def layer_factors(layer: MASSLinear, n_tasks: int) -> LowRankFactors:
     """The T tasks' factors held by a layer (fp32 copies)."""
-    return LowRankFactors(*(t[:n_tasks].float() for t in (layer.task_U, layer.task_S, layer.task_V)))
+    return LowRankFactors(*(t.float() for t in layer.true_factors(n_tasks)))
 
 
 @torch.no_grad()
@@ -296,11 +297,14 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _append_lowrank(layer: MASSLinear, bank, idx: torch.Tensor, m: int) -> tuple:
-    """``bank``'s factors with the TSV-M factors of the tasks ``idx`` appended as ``m`` slots of rank k."""
-    k = layer.task_S.shape[1]
-    Uo, So, Vo = tsv_factors(layer.task_U[idx], layer.task_S[idx], layer.task_V[idx])
+    """``bank``'s factors with the TSV-M factors of the tasks ``idx`` appended as ``m`` slots of rank k (zero-padded
+    to the bank's width when the bank is padded)."""
+    k = layer.rank
+    U, S, V = layer.true_factors()
+    Uo, So, Vo = tsv_factors(U[idx], S[idx], V[idx])
     like = layer.task_U
-    U_new = Uo.reshape(Uo.shape[0], m, k).permute(1, 0, 2)
-    return (torch.cat([bank.task_U, U_new.to(like)]), torch.cat([bank.task_S, So.view(m, k).to(like)]),
-            torch.cat([bank.task_V, Vo.view(m, k, -1).to(like)]))
+    U_new = Uo.reshape(Uo.shape[0], m, k).permute(1, 0, 2).to(like)
+    U_new, S_new, V_new = mass_kernels.pad_rank(U_new, So.view(m, k).to(like), Vo.view(m, k, -1).to(like),
+                                                multiple=bank.task_S.shape[1])
+    return torch.cat([bank.task_U, U_new]), torch.cat([bank.task_S, S_new]), torch.cat([bank.task_V, V_new])
 

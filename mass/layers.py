@@ -104,23 +104,34 @@ class MASSLinear(_TaskModule):
             state, batch_axis, ("merged_weight", "merged_bias", "task_U", "task_S", "task_V", "task_bias")
         )
         self.feature_index: Optional[int] = None  # set on block i's fc1: its input is block i's routing feature
+        self.rank = 0  # the factors' true rank k; the banks may hold more columns (zero padding on CUDA)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, state: PassState, batch_axis: int = 0) -> "MASSLinear":
         return cls(linear.weight, linear.bias, state, batch_axis)
 
-    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        """Install the bank ``(entries, out, k)``, ``(entries, k)``, ``(entries, k, in)`` in this device's layout."""
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, rank: Optional[int] = None) -> None:
+        """Install the bank ``(entries, out, k)``, ``(entries, k)``, ``(entries, k, in)`` in this device's layout.
+        ``rank``: the true k when the bank is already padded. On CUDA the rank is zero-padded to a multiple of 16
+        (:func:`mass_kernels.pad_rank`: the Triton kernels are compiled spill-free for such ranks; the zero
+        columns add exact zeros and count in the model's memory)."""
+        self.rank = S.shape[1] if rank is None else rank
+        if U.is_cuda:
+            U, S, V = mass_kernels.pad_rank(U, S, V)
         self.task_U, self.task_S, self.task_V = bank_layout(U), S, bank_layout(V)
+
+    def true_factors(self, n_entries: Optional[int] = None) -> tuple:
+        """The first ``n_entries`` (default all) entries' factors at their true rank (views, no padding)."""
+        e, k = slice(n_entries), self.rank
+        return self.task_U[e, :, :k], self.task_S[e, :k], self.task_V[e, :k, :]
 
     def _lay_out_banks(self) -> None:
         if self.task_U is not None:
-            self.set_factors(self.task_U, self.task_S, self.task_V)
+            self.set_factors(self.task_U, self.task_S, self.task_V, rank=self.rank)
 
     def extra_repr(self) -> str:
         entries = 0 if self.task_S is None else self.task_S.shape[0]
-        rank = 0 if self.task_S is None else self.task_S.shape[1]
-        return f"in_features={self.in_features}, out_features={self.out_features}, entries={entries}, rank={rank}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, entries={entries}, rank={self.rank}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.state.current

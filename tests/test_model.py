@@ -398,3 +398,39 @@ def test_model_cast_to_bf16_serves_close_to_fp32(arch, images):
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 0.05
     out, routing = model(images.bfloat16(), return_routing=True)
     assert routing.task_ids.shape == (images.shape[0], 2) and torch.isfinite(emb(out).float()).all()
+
+
+def test_zero_padded_banks_give_the_same_results(arch, images):
+    """On CUDA the banks' rank is zero-padded to a multiple of 16 (MASSLinear.set_factors, for the Triton kernels).
+    Simulated on the CPU: forced tasks, a cached two-task set and the saved decomposition of a padded model equal
+    those of the unpadded one. The padded columns add exact zeros; only the summation order of the expand may
+    change. The model runs in float64, but the row-wise low-rank op (sequence-first layouts) accumulates in fp32
+    (mass_kernels' contract): there the two expands (inner dim k′ = 16) may differ by at most 2·k′·u₃₂ ≈ 1.9e-6
+    relative to Σ|terms| (≤ 5 here), i.e. ≤ 1e-5 per layer, ≤ 1.2e-4 over the 12 padded layers of 4 blocks
+    (taking the later layers' amplification as ≤ 1, as measured on these models); float64 rounding elsewhere is
+    negligible. A wrong padding (non-zero padded S, a mis-sliced rank) shifts outputs by ~1e-1. The saved factors
+    must be bit-equal."""
+    import mass_kernels
+    from mass.layers import MASSLinear
+
+    def build():
+        pretrained, finetuned, _ = make_setup(arch, n_tasks=3, scale=0.2)
+        finetuned = {n: {k: v.double() for k, v in sd.items()} for n, sd in finetuned.items()}
+        return mass.merge(pretrained.double(), finetuned, router=mass.RouterConfig(layer=2), progress=False)
+
+    plain, padded = build(), build()
+    layers = [m for m in padded.modules() if isinstance(m, MASSLinear)]
+    assert layers and all(m.rank % 16 for m in layers)  # the test pads something
+    for m in layers:
+        k = m.rank
+        m.set_factors(*mass_kernels.pad_rank(*m.true_factors()), rank=k)
+        assert m.task_S.shape[1] % 16 == 0 and m.rank == k
+    x = images.double()
+    for ids in (torch.arange(x.shape[0]) % 3, [["task0", "task1"]] * x.shape[0], [["task1", "task2"], "task0"] * (x.shape[0] // 2)):
+        torch.testing.assert_close(emb(padded(x, task_ids=ids)), emb(plain(x, task_ids=ids)), atol=2e-4, rtol=0)
+    a, b = plain.decomposition(), padded.decomposition()
+    assert a.lowrank.keys() == b.lowrank.keys()
+    for key in a.lowrank:
+        for fa, fb in zip((a.lowrank[key].U, a.lowrank[key].S, a.lowrank[key].V),
+                          (b.lowrank[key].U, b.lowrank[key].S, b.lowrank[key].V)):
+            assert torch.equal(fa, fb), key
