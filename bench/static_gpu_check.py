@@ -220,7 +220,7 @@ def run(subset: str, jobs: int) -> list[dict]:
 
 def markdown(result: dict) -> str:
     rows = result["results"]
-    lines = [f"# Static GPU check — triton {result['triton']}, {result['date']}", "",
+    lines = [f"# Static GPU check — triton {result['triton']}, commit {result.get('commit')}, {result['date']}", "",
              f"{len(rows)} compilations ({result['subset']} set), "
              f"{sum(not r['ok'] for r in rows)} failed, {sum(r['ok'] and spills(r) for r in rows)} with spills "
              f"({sum(r['ok'] and spills(r) and r['dtype'] in ('bf16', 'fp16') for r in rows)} of them 16-bit, "
@@ -263,7 +263,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     subset = "ci" if args.ci else "quick" if args.quick else "full"
     results = run(subset, args.jobs)
-    result = {"kind": "static-gpu-check", "triton": triton.__version__, "subset": subset,
+    from mass._benchutil import git_commit
+
+    result = {"kind": "static-gpu-check", "triton": triton.__version__, "subset": subset, "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.perf_counter() - t0, 1),
               "shapes": {"d_in": D_IN, "d_out": D_OUT, "rows": ROWS}, "results": results,
               "failures": failures(results)}
