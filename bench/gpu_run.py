@@ -385,7 +385,22 @@ def run(out: str, dry_run: bool, total_budget_s: float = TOTAL_BUDGET_S, stages=
         f.write(markdown(report))
     report["plot"] = plot(report, os.path.join(out, "gpu-run.png"))
     print(markdown(report), flush=True)
+    pack_stage_folders(out, [folder for _, _, folder in plan.values()])
     return report
+
+
+def pack_stage_folders(out: str, folders) -> None:
+    """Move the stages' folders (logs, JSON, plots) into one ``gpu-run-stages.tar.gz``: the device tool brings
+    back at most 8 files from $OUT, so the run leaves four (the report's JSON, Markdown, PNG and this archive)."""
+    import shutil
+    import tarfile
+
+    present = [f for f in dict.fromkeys(folders) if os.path.isdir(os.path.join(out, f))]
+    with tarfile.open(os.path.join(out, "gpu-run-stages.tar.gz"), "w:gz") as tar:
+        for folder in present:
+            tar.add(os.path.join(out, folder), arcname=folder)
+    for folder in present:
+        shutil.rmtree(os.path.join(out, folder))
 
 
 def child_microbench(argv: list, tiny: bool) -> int:

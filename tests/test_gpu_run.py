@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -46,8 +47,13 @@ def test_dry_run_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert md.startswith("# Device run — DRY RUN") and "not measured" in md
     with open(tmp_path / "gpu-run.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # At most 8 files come back from the device: the stages' folders are packed into one archive.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-run-stages.tar.gz", "gpu-run.json", "gpu-run.md",
+                                                          "gpu-run.png"]
+    with tarfile.open(tmp_path / "gpu-run-stages.tar.gz") as tar:
+        names = set(tar.getnames())
     for folder in ("tests", "micro_t8", "micro_t20", "e2e"):
-        assert (tmp_path / folder / "log.txt").exists()
+        assert f"{folder}/log.txt" in names
 
 
 def test_the_device_plan_uses_the_targets_shapes(tmp_path):
