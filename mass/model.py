@@ -131,6 +131,7 @@ class MASSModel(nn.Module):
         tasks = check_task_names(decomposition.tasks)
         check_decomposition(decomposition, model)
         heads = check_heads(heads, tasks, arch.output_dim)
+        support = _usable_fit(router, routing_layers, support)
         _check_fit(router, routing_layers, support, len(tasks), keep_merged)
         # Build everything on layers that are not installed yet: the module is only read until _install.
         state = PassState()
@@ -184,10 +185,7 @@ class MASSModel(nn.Module):
         check_flags(reuse_prefix, self.keep_merged, self.banks.combos.max_cached_combos)
         routing_layers = router.resolved_layers(self.arch.n_blocks)
         T = len(self.tasks)
-        support = self.support if support is None else support
-        needs_fit = router.basis == "support" or router.unknown != "off"
-        if not needs_fit and support is not None and not support.matches(router, routing_layers):
-            support = None  # a calibration of other features: dropped, not carried into a wrong router
+        support = _usable_fit(router, routing_layers, self.support if support is None else support)
         _check_fit(router, routing_layers, support, T, self.keep_merged)
         fc1 = [self._fc1_layer(layer) for layer in routing_layers]
         basis = routing_basis([layer_factors(layer, T) for layer in fc1], router.norm).to(self.routing_basis.device)
@@ -494,6 +492,15 @@ def _join(a, b, n_a: int, n_b: int):
         items = {k: _join(v, b[k], n_a, n_b) if k in b else v for k, v in a.items()}
         return type(a)(**items) if type(a) is not dict else items
     return a
+
+
+def _usable_fit(router: RouterConfig, layers: list, support):
+    """``support``, or None when the router does not need it and it was fitted for other routing features
+    (dropped, not carried into a router it does not describe)."""
+    needs = router.basis == "support" or router.unknown != "off"
+    if support is not None and isinstance(support, SupportFit) and not needs and not support.matches(router, layers):
+        return None
+    return support
 
 
 def _check_fit(router: RouterConfig, layers: list, support: Optional[SupportFit], n_tasks: int,

@@ -20,7 +20,7 @@ import torch
 import mass_kernels
 
 DEFAULT_IMAGES = 32  # images per task the study recommends (docs/router_study.md)
-DEFAULT_RANK = 8  # support_rank=None; capped at what N images can span
+DEFAULT_RANK = 1  # support_rank=None (chosen on validation images in docs/router_study.md); capped by N
 MIN_IMAGES = 2
 
 

@@ -187,3 +187,23 @@ def test_router_config_checks_the_new_fields(field, value, exc):
         mass.RouterConfig(**{field: value})
     with pytest.raises(ValueError, match="norm='sv'"):
         mass.RouterConfig(basis="support", norm="sv")
+
+
+@pytest.mark.skipif(not hasattr(mass.saved_format, "support_from_tensors"),
+                    reason="the saved format does not hold the router calibration yet (issue 14 patch to "
+                           "mass/saved_format.py and mass/serialization.py)")
+@pytest.mark.parametrize("centre", [False, True])
+def test_save_load_keeps_the_calibrated_router_bit_exactly(tmp_path, centre):
+    model, _, support = _merged(_router(centre=centre, unknown="pretrained", unknown_threshold=0.5))
+    images = torch.cat([v[:2] for v in support.values()] + [torch.randn(2, 3, 32, 32) * 4])
+    model.save_pretrained(tmp_path / "m")
+    pretrained, _, _ = make_setup("hf")
+    loaded = mass.MASSModel.from_pretrained(tmp_path / "m", pretrained)
+    assert loaded.router_config == model.router_config
+    for name in ("routing_basis", "routing_centre", "routing_scale"):
+        a, b = getattr(model, name), getattr(loaded, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+    out, routing = model(images, return_routing=True)
+    out2, routing2 = loaded(images, return_routing=True)
+    assert torch.equal(routing.task_ids, routing2.task_ids) and torch.equal(routing.residuals, routing2.residuals)
+    assert torch.equal(mass.extract_embedding(out), mass.extract_embedding(out2))

@@ -4,8 +4,9 @@ paper's data-free router and ``RouterConfig.recommended()``, and the unknown-tas
     python -m mass.demo.support_study --out DIR [--seeds 1] [--cache-dir DIR]
 
 Support images are drawn from each task's *training* split (nested: the first N of one random permutation per
-seed), never from the test split every number is measured on. Nothing is tuned on the test images; the
-threshold sweep of the unknown-task detector is reported as a curve, with the default (1.0) fixed beforehand.
+seed), never from the test split every number is measured on. Configurations are chosen on a validation set
+(the next 250 training images of each task, disjoint from the support pool); the test images are only scored.
+The unknown-task detector's threshold sweep is reported as a curve; its default (1.0) was fixed beforehand.
 Writes ``support_study.json``, ``support_study.md`` and PNG plots to DIR.
 """
 from __future__ import annotations
@@ -33,51 +34,59 @@ THRESHOLDS = (0.8, 1.0, 1.2, 1.5, 2.0, 3.0)
 EVAL_BATCH = 500
 
 
-def _support(art, n: int, seed: int, tasks=None) -> dict:
-    g = torch.Generator().manual_seed(1000 + seed)
-    out = {}
-    for task in art.tasks:
-        if tasks is None or task.name in tasks:
-            order = torch.randperm(task.train_images.shape[0], generator=g)
-            out[task.name] = task.train_images[order[:n]]
-    return out
-
-
 @torch.no_grad()
-def _confusion(model: mass.MASSModel, art) -> torch.Tensor:
+def _features(model: mass.MASSModel, images: list, features: str, L: int) -> torch.Tensor:
+    """First-pass routing features (1, B, D) of the images (a list of per-task tensors), read once."""
+    probe = model.with_router(mass.RouterConfig(layer=L, features=features, mode="top1"))
+    x = torch.cat(images)
+    return torch.cat([probe._first_pass(x[i:i + EVAL_BATCH])[0] for i in range(0, x.shape[0], EVAL_BATCH)], 1)
+
+
+def _routing(model: mass.MASSModel, feats: torch.Tensor) -> mass.Routing:
+    """The model's own routing decision from features read by :func:`_features` (its _route_features)."""
+    return model._route_features(feats)
+
+
+def _confusion(routing: mass.Routing, labels: torch.Tensor, T: int) -> torch.Tensor:
     """(T, T+1) counts: true task (row) → top-1 routed task (column; the last column: flagged unknown)."""
-    T = len(art.tasks)
-    conf = torch.zeros(T, T + 1, dtype=torch.long)
-    for t_idx, task in enumerate(art.tasks):
-        for i in range(0, task.test_images.shape[0], EVAL_BATCH):
-            ids = model.route(task.test_images[i:i + EVAL_BATCH]).task_ids[:, 0]
-            conf[t_idx] += torch.bincount(torch.where(ids < 0, T, ids), minlength=T + 1)
-    return conf
+    ids = routing.task_ids[:, 0]
+    ids = torch.where(ids < 0, T, ids)
+    return torch.bincount(labels * (T + 1) + ids, minlength=T * (T + 1)).view(T, T + 1)
 
 
 def _top1(conf: torch.Tensor) -> float:
     return (conf.diag().sum() / conf.sum()).item()
 
 
-@torch.no_grad()
-def _flag_rate(model: mass.MASSModel, images: torch.Tensor) -> float:
-    flagged = sum(model.route(images[i:i + EVAL_BATCH]).unknown.sum().item()
-                  for i in range(0, images.shape[0], EVAL_BATCH))
-    return flagged / images.shape[0]
+def _split(art, seed: int, n_val: int = 250):
+    """Per task: support pool (the first 64 of a permutation of the training split) and a validation set (the
+    next ``n_val``), disjoint; configurations are chosen on validation, reported on test."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    pools, val = {}, {}
+    for task in art.tasks:
+        order = torch.randperm(task.train_images.shape[0], generator=g)
+        pools[task.name] = task.train_images[order[:max(SIZES)]]
+        val[task.name] = task.train_images[order[max(SIZES):max(SIZES) + n_val]]
+    return pools, val
 
 
-def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=print) -> dict:
-    cfg = DemoConfig.make(n_tasks=8, seed=seed)
+def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=print, quick: bool = False) -> dict:
+    cfg = DemoConfig.make(quick=quick, n_tasks=8, seed=seed)
     cache_dir = None if cache_root is None else Path(cache_root) / cfg.hash()
     art = prepare_demo(cache_dir=cache_dir, config=cfg, progress=False, verbose=False)
-    names, L = art.task_names, cfg.router_block
+    names, L, T = art.task_names, cfg.router_block, len(art.tasks)
     dec = mass.decompose(art.pretrained, art.finetuned, progress=False)
     base = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(layer=L), heads=art.heads)
     individual = {t: art.metrics[t]["finetuned_acc"] for t in names}
+    pools, val = _split(art, seed)
+    test_labels = torch.cat([torch.full((t.test_images.shape[0],), i) for i, t in enumerate(art.tasks)])
+    val_labels = torch.cat([torch.full((val[t].shape[0],), i) for i, t in enumerate(names)])
+    feats = {f: {"test": _features(base, [t.test_images for t in art.tasks], f, L),
+                 "val": _features(base, [val[t] for t in names], f, L)} for f in ("pretrained", "merged")}
     result = {"seed": seed, "tasks": names, "layer": L, "sweep": [], "eval": {}, "confusion": {}}
 
     def evaluate(label: str, model: mass.MASSModel, router: dict):
-        conf = _confusion(model, art)
+        conf = _confusion(_routing(model, feats[model.router_config.features]["test"]), test_labels, T)
         entry = {"router": router, "routing_top1": _top1(conf)}
         if full_eval:
             row = _evaluate_mass(model, art)
@@ -88,57 +97,65 @@ def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=p
         log(f"[seed {seed}] {label}: {entry}")
 
     evaluate("paper (fc1, merged, topk)", base, {"layer": L})
-    rec = mass.RouterConfig.recommended(layer=L)
-    evaluate("recommended (fc1, pretrained, top1)", base.with_router(rec), {"layer": L, "features": "pretrained",
-                                                                          "mode": "top1"})
-    # Sweep: routing accuracy (top-1) of the support router.
+    evaluate("recommended (fc1, pretrained, top1)", base.with_router(mass.RouterConfig.recommended(layer=L)),
+             {"layer": L, "features": "pretrained", "mode": "top1"})
+    # Sweep: routing accuracy (top-1) of the support router, on validation (for choosing) and test.
     for features in ("pretrained", "merged"):
         for centre in (False, True):
             for n in SIZES:
-                support = _support(art, n, seed)
+                support = {t: pools[t][:n] for t in names}
                 for rank in RANKS:
                     if rank > mass.support.max_rank(n - 1, cfg.hidden_size, centre):
                         continue
                     router = mass.RouterConfig(layer=L, basis="support", support_rank=rank, centre=centre,
                                                features=features, mode="top1")
-                    acc = _top1(_confusion(base.calibrate(support, router), art))
-                    result["sweep"].append({"features": features, "centre": centre, "n": n, "rank": rank,
-                                            "routing_top1": acc})
+                    m = base.calibrate(support, router)
+                    result["sweep"].append({
+                        "features": features, "centre": centre, "n": n, "rank": rank,
+                        "val_top1": _top1(_confusion(_routing(m, feats[features]["val"]), val_labels, T)),
+                        "routing_top1": _top1(_confusion(_routing(m, feats[features]["test"]), test_labels, T))})
                 log(f"[seed {seed}] sweep {features} centre={centre} N={n}: " + ", ".join(
                     f"k={r['rank']}:{100 * r['routing_top1']:.1f}" for r in result["sweep"]
                     if (r["features"], r["centre"], r["n"]) == (features, centre, n)))
-    # The default support router at every N, with the full (two-pass) evaluation.
-    default = mass.RouterConfig(layer=L, basis="support", features="pretrained", mode="top1")
-    for n in SIZES:
-        evaluate(f"support N={n} (default)", base.calibrate(_support(art, n, seed), default),
-                 {"layer": L, "basis": "support", "features": "pretrained", "mode": "top1", "n": n})
-    result["unknown"] = _unknown_study(art, seed, L, log)
+    # The configuration chosen on validation at N=32, evaluated with both passes.
+    at32 = [e for e in result["sweep"] if e["n"] == 32]
+    best = max(at32, key=lambda e: e["val_top1"])
+    result["chosen"] = {k: best[k] for k in ("features", "centre", "rank")}
+    chosen = mass.RouterConfig(layer=L, basis="support", support_rank=best["rank"], centre=best["centre"],
+                               features=best["features"], mode="top1")
+    for n in (8, 32):  # at N=8 the rank is capped at what 7 held-out images span
+        router = dataclasses.replace(chosen, support_rank=min(best["rank"], mass.support.max_rank(
+            n - 1, cfg.hidden_size, best["centre"])))
+        evaluate(f"support N={n} (chosen on validation)", base.calibrate({t: pools[t][:n] for t in names}, router),
+                 {**result["chosen"], "rank": router.support_rank, "n": n})
+    result["unknown"] = _unknown_study(art, seed, L, pools, chosen, log)
     return result
 
 
-def _unknown_study(art, seed: int, L: int, log) -> list:
+def _unknown_study(art, seed: int, L: int, pools: dict, chosen: mass.RouterConfig, log) -> list:
     """Merge the first 6 tasks, calibrate on 32 support images each, flag the test images of the other 2."""
     names = art.task_names
     inside, outside = names[:6], names[6:]
     dec = mass.decompose(art.pretrained, {t: art.finetuned[t] for t in inside}, progress=False)
     model = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(layer=L))
-    support = _support(art, 32, seed, tasks=inside)
-    in_images = torch.cat([t.test_images for t in art.tasks if t.name in inside])
-    out_images = torch.cat([t.test_images for t in art.tasks if t.name in outside])
+    support = {t: pools[t][:32] for t in inside}
     rows = []
     for label, router in (
-        ("support (pretrained, top1)", mass.RouterConfig(layer=L, basis="support", features="pretrained",
-                                                         mode="top1", unknown="pretrained")),
-        ("support centred (pretrained, top1)", mass.RouterConfig(layer=L, basis="support", features="pretrained",
-                                                                 mode="top1", centre=True, unknown="pretrained")),
+        (f"support, chosen ({chosen.features}, k={chosen.support_rank}, centre={chosen.centre})",
+         dataclasses.replace(chosen, unknown="pretrained")),
+        ("support centred (pretrained, k=8)", mass.RouterConfig(layer=L, basis="support", features="pretrained",
+                                                                mode="top1", centre=True, unknown="pretrained")),
         ("fc1 (pretrained, top1)", mass.RouterConfig(layer=L, features="pretrained", mode="top1",
                                                      unknown="pretrained")),
     ):
         calibrated = model.calibrate(support, router)
+        f_in = _features(model, [t.test_images for t in art.tasks if t.name in inside], router.features, L)
+        f_out = _features(model, [t.test_images for t in art.tasks if t.name in outside], router.features, L)
         for thr in THRESHOLDS:
             m = calibrated.with_router(dataclasses.replace(router, unknown_threshold=thr))
-            row = {"router": label, "threshold": thr, "foreign_flagged": _flag_rate(m, out_images),
-                   "in_task_flagged": _flag_rate(m, in_images)}
+            row = {"router": label, "threshold": thr,
+                   "foreign_flagged": _routing(m, f_out).unknown.float().mean().item(),
+                   "in_task_flagged": _routing(m, f_in).unknown.float().mean().item()}
             rows.append(row)
             log(f"[seed {seed}] unknown {row}")
     return rows
@@ -197,18 +214,13 @@ def render_plots(report: dict, out: Path) -> list:
     for features in ("pretrained", "merged"):
         for centre in (False, True):
             best = []
-            for n in SIZES:
-                per_rank = {}
-                for r in runs:
-                    for e in r["sweep"]:
-                        if (e["features"], e["centre"], e["n"]) == (features, centre, n):
-                            per_rank.setdefault(e["rank"], []).append(e["routing_top1"])
-                best.append(100 * max(statistics.mean(v) for v in per_rank.values()))
+            for n in SIZES:  # per N, the rank with the best validation accuracy; its test accuracy plotted
+                entries = [e for e in runs[0]["sweep"] if (e["features"], e["centre"], e["n"]) == (features, centre, n)]
+                pick = max(entries, key=lambda e: e["val_top1"])
+                best.append(100 * statistics.mean(e["routing_top1"] for r in runs for e in r["sweep"] if (
+                    e["features"], e["centre"], e["n"], e["rank"]) == (features, centre, n, pick["rank"])))
             ax.plot(SIZES, best, "-o" if features == "pretrained" else "--s",
-                    label=f"support, {features}{', centred' if centre else ''} (best k)")
-    default = [100 * statistics.mean(r["eval"][f"support N={n} (default)"]["routing_top1"] for r in runs)
-               for n in SIZES]
-    ax.plot(SIZES, default, "-k^", label="support default (pretrained, k=8)")
+                    label=f"support, {features}{', centred' if centre else ''} (k chosen on validation)")
     for label, style in (("paper (fc1, merged, topk)", ":"), ("recommended (fc1, pretrained, top1)", "-.")):
         ax.axhline(100 * statistics.mean(r["eval"][label]["routing_top1"] for r in runs), ls=style, color="gray",
                    label=label)
@@ -223,7 +235,8 @@ def render_plots(report: dict, out: Path) -> list:
     fig.savefig(vs_n, dpi=120)
     plt.close(fig)
 
-    labels = ["paper (fc1, merged, topk)", "recommended (fc1, pretrained, top1)", "support N=32 (default)"]
+    labels = ["paper (fc1, merged, topk)", "recommended (fc1, pretrained, top1)",
+              "support N=32 (chosen on validation)"]
     names = first["tasks"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, label in zip(axes, labels):
@@ -252,11 +265,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--routing-only", action="store_true", help="skip the two-pass accuracy evaluation")
+    parser.add_argument("--quick", action="store_true", help="the small smoke-test benchmark (numbers meaningless)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     start = time.perf_counter()
-    runs = [run_seed(s, args.cache_dir, full_eval=not args.routing_only) for s in range(args.seeds)]
+    runs = [run_seed(s, args.cache_dir, full_eval=not args.routing_only, quick=args.quick) for s in range(args.seeds)]
     report = {"commit": git_commit() or "unknown", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "runs": runs, "seconds": time.perf_counter() - start}
     out = Path(args.out)
