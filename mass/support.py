@@ -187,3 +187,33 @@ def unknown_scores(res: torch.Tensor, chosen: torch.Tensor, scale: torch.Tensor)
     idx = chosen.clamp_min(0).view(1, -1, 1).expand(r.shape[0], -1, 1)
     mine = r.float().gather(2, idx)[..., 0]  # (G, B)
     return (mine / scale.float().gather(1, idx[..., 0])).mean(0)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_support_dir(directory, preprocess, limit: Optional[int] = None) -> torch.Tensor:
+    """(N, C, H, W) images of a folder (its image files at any depth, in sorted path order, at most ``limit``),
+    each through ``preprocess`` (e.g. :class:`mass.data.ClipPreprocess`): the support images of one task for
+    ``mass merge --support TASK=DIR``."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"support images: {root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if limit is not None:
+        files = files[:limit]
+    if len(files) < MIN_IMAGES:
+        raise ValueError(f"support images: {root} holds {len(files)} image file(s) ({', '.join(IMAGE_SUFFIXES)}); "
+                         f"at least {MIN_IMAGES} are needed, {DEFAULT_IMAGES} recommended")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(preprocess(image))
+        except OSError as exc:
+            raise ValueError(f"support images: cannot read {path}: {exc}") from exc
+    return torch.stack(images)

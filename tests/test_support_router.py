@@ -207,3 +207,31 @@ def test_save_load_keeps_the_calibrated_router_bit_exactly(tmp_path, centre):
     out2, routing2 = loaded(images, return_routing=True)
     assert torch.equal(routing.task_ids, routing2.task_ids) and torch.equal(routing.residuals, routing2.residuals)
     assert torch.equal(mass.extract_embedding(out), mass.extract_embedding(out2))
+
+
+def test_read_support_dir(tmp_path):
+    from PIL import Image
+
+    from mass.data import ClipPreprocess
+    from mass.support import read_support_dir
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for i, name in enumerate(["x.png", "sub/y.jpg", "z.png"]):
+        Image.new("RGB", (40, 36), (10 * i, 20, 30)).save(tmp_path / "a" / name)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    pre = ClipPreprocess.from_pretrained(str(tmp_path), image_size=32)
+    got = read_support_dir(tmp_path / "a", pre)
+    assert got.shape == (3, 3, 32, 32)
+    # sorted path order: sub/y.jpg, x.png, z.png
+    with Image.open(tmp_path / "a" / "x.png") as image:
+        assert torch.equal(got[1], pre(image))
+    assert read_support_dir(tmp_path / "a", pre, limit=2).shape[0] == 2
+    with pytest.raises(ValueError, match="at least 2"):
+        read_support_dir(tmp_path / "a", pre, limit=1)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bad.png").write_text("broken")
+    (tmp_path / "b" / "bad2.png").write_text("broken")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_support_dir(tmp_path / "b", pre)
+    with pytest.raises(ValueError, match="not a directory"):
+        read_support_dir(tmp_path / "missing", pre)
