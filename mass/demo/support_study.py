@@ -144,7 +144,8 @@ def _unknown_study(art, seed: int, L: int, pools: dict, chosen: mass.RouterConfi
         (f"support, chosen ({chosen.features}, k={chosen.support_rank}, centre={chosen.centre})",
          dataclasses.replace(chosen, unknown="pretrained")),
         ("support centred (pretrained, k=8)", mass.RouterConfig(layer=L, basis="support", features="pretrained",
-                                                                mode="top1", centre=True, unknown="pretrained")),
+                                                                mode="top1", centre=True, support_rank=8,
+                                                                unknown="pretrained")),
         ("fc1 (pretrained, top1)", mass.RouterConfig(layer=L, features="pretrained", mode="top1",
                                                      unknown="pretrained")),
     ):
