@@ -9,11 +9,13 @@ from .merging import MERGE_METHODS, task_arithmetic, ties_merging, tsv_merge
 from .model import Classification, MASSModel, extract_embedding, merge
 from .router import RouterConfig, Routing, select_tasks
 from .serialization import SavedModelError
+from .support import SupportFit, UnknownTaskError
 
 __all__ = [
     "AlreadyWrappedError", "CheckpointError", "Classification", "EvalResult", "Head", "Heads", "LowRankFactors",
-    "MASSConv2d", "MASSLayerNorm", "MASSLinear", "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS", "RouterConfig", "Routing", "SavedModelError",
-    "TaskDecomposition", "decompose", "evaluate", "extract_embedding", "merge", "select_tasks", "task_arithmetic",
-    "ties_merging", "tsv_merge", "zero_shot_heads",
+    "MASSConv2d", "MASSLayerNorm", "MASSLinear", "MASSModel", "MASSMultiheadAttention", "MERGE_METHODS",
+    "RouterConfig", "Routing", "SavedModelError", "SupportFit", "TaskDecomposition", "UnknownTaskError",
+    "decompose", "evaluate", "extract_embedding", "merge", "select_tasks", "task_arithmetic", "ties_merging",
+    "tsv_merge", "zero_shot_heads",
 ]
 __version__ = "0.1.0"

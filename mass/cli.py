@@ -48,12 +48,12 @@ def _parse_rank(text: str | None):
             raise UserError(f"--rank must be an int or a fraction, got {text!r}") from None
 
 
-def _parse_finetuned(items: list[str]) -> dict[str, str]:
+def _parse_finetuned(items: list[str], flag: str = "--finetuned") -> dict[str, str]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--finetuned takes NAME=PATH, got {item!r}")
+            raise UserError(f"{flag} takes NAME=PATH, got {item!r}")
         if name in out:
             raise UserError(f"task {name!r} given twice")
         out[name] = path
@@ -119,14 +119,18 @@ def _load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: 
 
 
 def cmd_merge(args) -> int:
+    from .clip import is_hub_id, load_vision
     from .model import merge
     from .router import RouterConfig
 
     finetuned = _parse_finetuned(args.finetuned)
     rank = _parse_rank(args.rank)
-    router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features)
-    from .clip import is_hub_id, load_vision
-
+    try:
+        router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features,
+                              basis=args.basis, unknown=args.unknown, unknown_threshold=args.unknown_threshold)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    support_dirs = _parse_finetuned(args.support, "--support") if args.support else None
     for name, path in finetuned.items():
         if not os.path.lexists(path) and not is_hub_id(path):
             raise UserError(f"checkpoint {name!r}: no such file {path}")
@@ -139,8 +143,25 @@ def cmd_merge(args) -> int:
     if args.allow_pickle:
         keys = list(pretrained.state_dict().keys())
         finetuned = {n: _load_finetuned(n, p, keys, True) for n, p in finetuned.items()}
-    model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, solver=args.solver,
-                  device=args.device)
+    support = None
+    if support_dirs is not None:
+        from .data import ClipPreprocess
+        from .support import DEFAULT_IMAGES, read_support_dir
+
+        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
+        try:
+            support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
+                       for t, d in support_dirs.items()}
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    keep_merged = "all" if args.unknown == "merged" else "prefix"
+    try:
+        model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, support=support,
+                      keep_merged=keep_merged, solver=args.solver, device=args.device)
+    except ValueError as exc:
+        if support is None and (args.basis == "support" or args.unknown != "off"):
+            raise UserError(f"{exc} (give --support TASK=DIR ...)") from None
+        raise
     model.save_pretrained(args.out)
     print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
           f"(storage {model.storage_factor():.3f}x the pretrained model)")
@@ -218,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],
                        help="SVD solver: exact, randomized range finder, or auto (randomized for large matrices)")
     merge.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
+    merge.add_argument("--basis", default="fc1", choices=["fc1", "support"],
+                       help="routing basis: the fc1 deltas (data-free, paper) or the --support images' subspaces")
+    merge.add_argument("--support", nargs="+", metavar="TASK=DIR", default=None,
+                       help="a few unlabelled images of each task (a folder per task, 32 recommended): fits the "
+                            "support-set router and the unknown-task detector")
+    merge.add_argument("--support-images", type=int, default=None,
+                       help="images read per support folder (default 32, the first in sorted path order)")
+    merge.add_argument("--unknown", default="off", choices=["off", "merged", "pretrained", "error"],
+                       help="samples that match no task: merged / pretrained model output, or an error")
+    merge.add_argument("--unknown-threshold", type=float, default=1.0,
+                       help="flag a sample whose residual exceeds this many times its task's calibrated scale")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--allow-pickle", action="store_true", help="accept pickled modules in .pt files")
     merge.add_argument("--quiet", action="store_true")

@@ -6,6 +6,7 @@ the hooks that read it in :mod:`mass.passes`, input checks in :mod:`mass.pass_in
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -14,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mass_kernels
 from mass_kernels.reference import group_rows
 
 from .adapters import Architecture, cls_mlp_input, detect, install_layers, plan_layers
@@ -32,6 +32,9 @@ from .passes import (
     BlockGate, FirstPassCapture, PassState, ProjSwitch, StopForward, TokenDeltas, proj_class,
 )
 from .router import RouterConfig, Routing, describe_tensor, select_tasks
+from .support import SupportFit, UnknownTaskError, check_support, unknown_scores
+from .support import fit as fit_support
+from .support import residuals as routing_residuals
 
 TaskIds = Union[torch.Tensor, str, int, Sequence[str], Sequence[int], Sequence[Sequence[Union[str, int]]]]
 
@@ -114,6 +117,7 @@ class MASSModel(nn.Module):
         reuse_prefix: bool = False,
         keep_merged: str = "prefix",
         max_cached_combos: int = 64,
+        support: Optional[SupportFit] = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -127,6 +131,8 @@ class MASSModel(nn.Module):
         tasks = check_task_names(decomposition.tasks)
         check_decomposition(decomposition, model)
         heads = check_heads(heads, tasks, arch.output_dim)
+        support = _usable_fit(router, routing_layers, support)
+        _check_fit(router, routing_layers, support, len(tasks), keep_merged)
         # Build everything on layers that are not installed yet: the module is only read until _install.
         state = PassState()
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -140,12 +146,21 @@ class MASSModel(nn.Module):
         self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
         self.keep_merged = keep_merged
         self.state, self.arch, self._layers, self.banks = state, arch, layers, banks
-        self._configure(router, bool(reuse_prefix), routing_layers, basis)
+        self._configure(router, bool(reuse_prefix), routing_layers, basis, support)
         _install(model, arch, layers, banks, state)  # the only step that touches the module; undone on failure
         self.model = model
 
-    def _configure(self, router: RouterConfig, reuse_prefix: bool, routing_layers: list, basis: torch.Tensor):
-        """The per-model (not shared) settings: router, prefix reuse, routing basis."""
+    def _configure(self, router: RouterConfig, reuse_prefix: bool, routing_layers: list, basis: torch.Tensor,
+                   support: Optional[SupportFit]):
+        """The per-model (not shared) settings: router, prefix reuse, routing basis (the fc1 deltas' or the
+        support set's, with its centres) and the calibration (``support``, kept for saving and derived models)."""
+        self.support = support
+        centre = scale = None
+        if support is not None:
+            support = support.to(basis.device)
+            scale = support.scale
+            if router.basis == "support":
+                basis, centre = support.basis, support.centre
         self.router_config = router
         self.reuse_prefix = reuse_prefix
         self.routing_layers = routing_layers
@@ -153,18 +168,25 @@ class MASSModel(nn.Module):
         # With the CLS token, the routing block runs only what that token's MLP input needs (same feature).
         self.trim_routing_block = True
         self.register_buffer("routing_basis", basis, persistent=False)
+        self.register_buffer("routing_centre", centre, persistent=False)
+        self.register_buffer("routing_scale", scale, persistent=False)
 
     # ------------------------------------------------------------------ derived models
-    def with_router(self, router: Optional[RouterConfig] = None, *, reuse_prefix: Optional[bool] = None) -> "MASSModel":
+    def with_router(self, router: Optional[RouterConfig] = None, *, reuse_prefix: Optional[bool] = None,
+                    support: Optional[SupportFit] = None) -> "MASSModel":
         """A model with another router (and optionally prefix reuse) that shares this one's encoder, banks,
         heads and set cache: nothing is decomposed again. A routing block deeper than the merged weights
         this model kept gets them, rebuilt from the factors. Both models stay usable, concurrently too.
-        (They share one encoder: move or cast the original, not a derived model.)"""
+        (They share one encoder: move or cast the original, not a derived model.) A support-set router or the
+        unknown-task detector uses ``support`` (else this model's calibration, if it was fitted for the same
+        routing features): :meth:`calibrate` fits one."""
         router = check_router(router)
         reuse_prefix = self.reuse_prefix if reuse_prefix is None else reuse_prefix
         check_flags(reuse_prefix, self.keep_merged, self.banks.combos.max_cached_combos)
         routing_layers = router.resolved_layers(self.arch.n_blocks)
         T = len(self.tasks)
+        support = _usable_fit(router, routing_layers, self.support if support is None else support)
+        _check_fit(router, routing_layers, support, T, self.keep_merged)
         fc1 = [self._fc1_layer(layer) for layer in routing_layers]
         basis = routing_basis([layer_factors(layer, T) for layer in fc1], router.norm).to(self.routing_basis.device)
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
@@ -176,9 +198,29 @@ class MASSModel(nn.Module):
         nn.Module.__init__(view)
         view.tasks, view.ranks, view.keep_merged = self.tasks, self.ranks, self.keep_merged
         view.state, view.arch, view._layers, view.banks = self.state, self.arch, self._layers, self.banks
-        view._configure(router, bool(reuse_prefix), routing_layers, basis)
+        view._configure(router, bool(reuse_prefix), routing_layers, basis, support)
         view.model = self.model
         return view
+
+    @torch.no_grad()
+    def calibrate(self, support: Mapping[str, torch.Tensor], router: Optional[RouterConfig] = None,
+                  batch_size: int = 256) -> "MASSModel":
+        """A model (sharing this one's encoder, like :meth:`with_router`) whose router is fitted on a few
+        unlabelled images per task: ``support = {task: (N, C, H, W) images}`` for every task, N ≥ 2
+        (32 recommended). ``router`` (default: this model's) says what to fit: with ``basis="support"`` the
+        per-task subspaces of the routing features (:mod:`mass.support`); for any basis, the per-task residual
+        scales the unknown-task detector needs. This model is not changed."""
+        router = check_router(self.router_config if router is None else router)
+        support = check_support(support, self.tasks)
+        probe = self.with_router(dataclasses.replace(router, basis="fc1", unknown="off", norm="l2"),
+                                 reuse_prefix=False)
+        features = {}
+        for task, images in support.items():
+            find_images(self, (images,), {})  # device, layout, channels
+            chunks = [probe._first_pass(images[i:i + batch_size])[0] for i in range(0, images.shape[0], batch_size)]
+            features[task] = torch.cat(chunks, 1)
+        fitted = fit_support(features, self.tasks, router, probe.routing_layers, probe.routing_basis)
+        return self.with_router(router, support=fitted)
 
     def _fc1_layer(self, layer: int) -> MASSLinear:
         return self.arch.fc1[layer]
@@ -228,10 +270,17 @@ class MASSModel(nn.Module):
         return torch.stack([captured[layer] for layer in self.routing_layers]), captured.get("block")
 
     def _route_features(self, features: torch.Tensor) -> Routing:
-        residuals = mass_kernels.routing_residuals(features, self.routing_basis.to(features.dtype))
+        residuals = routing_residuals(features, self.routing_basis, self.routing_centre)
         if residuals.shape[0] == 1:
             residuals = residuals[0]
-        return select_tasks(residuals, self.router_config)
+        routing = select_tasks(residuals, self.router_config)
+        if self.router_config.unknown == "off":
+            return routing
+        scores = unknown_scores(residuals, routing.task_ids[:, 0], self.routing_scale)
+        flagged = scores > self.router_config.unknown_threshold
+        return Routing(task_ids=routing.task_ids.masked_fill(flagged.unsqueeze(1), -1),
+                       weights=routing.weights.masked_fill(flagged.unsqueeze(1), 0.0),
+                       residuals=residuals, unknown=flagged, unknown_scores=scores)
 
     @torch.no_grad()
     def route(self, *inputs, **kwargs) -> Routing:
@@ -309,8 +358,30 @@ class MASSModel(nn.Module):
             routing = self._route_features(feature)
         else:
             routing = self._forced_routing(task_ids, batch, images.device)
-        out = self._second_pass(inputs, kwargs, routing, block_output)
+        if routing.unknown is not None and bool(routing.unknown.any()):  # a host sync, only with the detector on
+            out = self._unknown_pass(inputs, kwargs, routing, block_output)
+        else:
+            out = self._second_pass(inputs, kwargs, routing, block_output)
         return (out, routing) if return_routing else out
+
+    def _unknown_pass(self, inputs, kwargs, routing: Routing, block_output):
+        """Samples that matched no task: an error, or the merged / pretrained model's output for them and the
+        second pass for the others, put back in batch order."""
+        flagged = routing.unknown
+        if self.router_config.unknown == "error":
+            raise UnknownTaskError(flagged.nonzero().squeeze(1).tolist())
+        B = flagged.shape[0]
+        lost, kept = flagged.nonzero().squeeze(1), (~flagged).nonzero().squeeze(1)
+        mode = "merged" if self.router_config.unknown == "merged" else "base"
+        fallback = self._single_pass(mode, _take(inputs, lost, B), _take(kwargs, lost, B))
+        if kept.numel() == 0:
+            return fallback
+        sub = Routing(routing.task_ids[kept], routing.weights[kept], None)
+        if block_output is not None:
+            block_output = _take(block_output, kept, B, self.arch.batch_axes[self.routing_layer])
+        routed = self._second_pass(_take(inputs, kept, B), _take(kwargs, kept, B), sub, block_output)
+        joined = _join(routed, fallback, kept.numel(), lost.numel())
+        return _take(joined, torch.argsort(torch.cat([kept, lost])), B)
 
     def _empty_routing(self, images: torch.Tensor, task_ids) -> Routing:
         if task_ids is not None:
@@ -371,7 +442,8 @@ class MASSModel(nn.Module):
                 best_logits[upd] = padded
                 best_max[upd] = logits[better].max(1).values
                 chosen[upd] = t
-        return Classification(best_logits, chosen, best_logits.argmax(1), routing)
+        predictions = torch.where(chosen >= 0, best_logits.argmax(1), torch.full_like(chosen, -1))
+        return Classification(best_logits, chosen, predictions, routing)
 
     # ------------------------------------------------------------------ storage
     def decomposition(self) -> TaskDecomposition:
@@ -404,6 +476,54 @@ class MASSModel(nn.Module):
                 for key, value in base_model.state_dict().items():
                     value.copy_(saved[key])
             raise
+
+
+def _join(a, b, n_a: int, n_b: int):
+    """Two outputs of one model on disjoint sample subsets (n_a then n_b samples) as one output."""
+    if isinstance(a, torch.Tensor):
+        if a.dim() > 0 and a.shape[0] == n_a and isinstance(b, torch.Tensor) and b.dim() > 0 and b.shape[0] == n_b:
+            return torch.cat([a, b.to(a.dtype)], 0)
+        return a
+    if isinstance(a, tuple) and not hasattr(a, "_fields"):
+        return tuple(_join(x, y, n_a, n_b) for x, y in zip(a, b))
+    if isinstance(a, list):
+        return [_join(x, y, n_a, n_b) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        items = {k: _join(v, b[k], n_a, n_b) if k in b else v for k, v in a.items()}
+        return type(a)(**items) if type(a) is not dict else items
+    return a
+
+
+def _usable_fit(router: RouterConfig, layers: list, support):
+    """``support``, or None when the router does not need it and it was fitted for other routing features
+    (dropped, not carried into a router it does not describe)."""
+    needs = router.basis == "support" or router.unknown != "off"
+    if support is not None and isinstance(support, SupportFit) and not needs and not support.matches(router, layers):
+        return None
+    return support
+
+
+def _check_fit(router: RouterConfig, layers: list, support: Optional[SupportFit], n_tasks: int,
+               keep_merged: str) -> None:
+    """A router that needs a calibration has one that fits it; the merged fallback has its weights."""
+    if support is not None and not isinstance(support, SupportFit):
+        raise TypeError(f"support must be a mass.support.SupportFit (see MASSModel.calibrate), got "
+                        f"{type(support).__name__}")
+    if support is not None and (support.scale.shape[-1] != n_tasks or
+                                (support.basis is not None and support.basis.shape[1] != n_tasks)):
+        raise ValueError(f"the support calibration is for {support.scale.shape[-1]} tasks, the model has {n_tasks}")
+    if router.basis == "support" or router.unknown != "off":
+        what = "basis='support'" if router.basis == "support" else f"unknown={router.unknown!r}"
+        if support is None:
+            raise ValueError(f"RouterConfig({what}) needs a few images per task: pass support={{task: images}} "
+                             f"to mass.merge, or use model.calibrate(support, router)")
+        if not support.matches(router, layers):
+            raise ValueError(f"RouterConfig({what}): the model's calibration was fitted for other routing "
+                             f"features (layers {list(support.layers)}, features {support.features!r}, token "
+                             f"{support.token!r}, basis {'support' if support.basis is not None else 'fc1'}): "
+                             f"calibrate again with this router")
+    if router.unknown == "merged" and keep_merged != "all":
+        raise ValueError("RouterConfig(unknown='merged') falls back to the merged model: build with keep_merged='all'")
 
 
 def _fc1_key(arch: Architecture, layer: int) -> str:
@@ -451,13 +571,16 @@ def merge(
     reuse_prefix: bool = False,
     keep_merged: str = "prefix",
     progress: bool = True,
+    support: Optional[Mapping[str, torch.Tensor]] = None,
     solver: str = "auto",
     device=None,
 ) -> MASSModel:
     """Decompose T fine-tuned checkpoints of ``pretrained`` and wrap it (in place) as a :class:`MASSModel`.
     Everything that can be checked without the SVDs (model structure, router layers against the depth, heads
-    against the tasks and the embedding width, task names, options) is checked before they run. ``solver`` and
-    ``device`` choose how and where the SVDs run (see :func:`mass.decompose`)."""
+    against the tasks and the embedding width, task names, options, the support images) is checked before
+    they run. ``support={task: (N, C, H, W) images}`` calibrates the router on them (:meth:`MASSModel.calibrate`):
+    needed for ``RouterConfig(basis="support")`` and the unknown-task detector. ``solver`` and ``device`` choose
+    how and where the SVDs run (see :func:`mass.decompose`)."""
     if not isinstance(pretrained, nn.Module):
         raise TypeError("pretrained must be the pretrained nn.Module (its structure is wrapped in place)")
     from .clip import prepare  # a CLIPModel's vision tower with its projection; open_clip names; missing proj
@@ -470,8 +593,18 @@ def merge(
     if isinstance(finetuned, Mapping) and finetuned:
         tasks = check_task_names(list(finetuned))
         check_heads(heads, tasks, arch.output_dim)
+        if support is not None:
+            check_support(support, tasks)
         for key, value in pretrained.state_dict().items():  # the rank fits every matrix
             if value.is_floating_point() and value.dim() == 2:
                 resolve_rank(rank, tuple(value.shape), len(tasks), key)
+    if support is None and (router.basis == "support" or router.unknown != "off"):
+        raise ValueError("RouterConfig(basis='support') and the unknown-task detector need support={task: images}")
     dec = decompose(pretrained, finetuned, rank=rank, progress=progress, solver=solver, device=device)
-    return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)
+    if support is None:
+        return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix,
+                         keep_merged=keep_merged)
+    norm = "l2" if router.basis == "support" else router.norm
+    plain = dataclasses.replace(router, basis="fc1", unknown="off", norm=norm)
+    model = MASSModel(pretrained, dec, router=plain, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)
+    return model.calibrate(support, router)

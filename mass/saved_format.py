@@ -41,6 +41,7 @@ CONFIG_FIELDS = {
     "keep_merged": ("string",),
     "has_heads": ("bool",),
     "storage_factor": _NUMBER,
+    "support": ("object", "null"),
 }
 V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
 ROUTER_FIELDS = {
@@ -54,12 +55,22 @@ ROUTER_FIELDS = {
     "layers": ("list", "null"),
     "features": ("string",),
     "norm": ("string",),
+    "basis": ("string",),
+    "support_rank": ("int", "null"),
+    "centre": ("bool",),
+    "unknown": ("string",),
+    "unknown_threshold": _NUMBER,
 }
 # Router fields added while format 1 was current; a format-1 config without them ran with these values.
 ROUTER_V1_DEFAULTS = {"layers": None, "features": "merged", "norm": "l2"}
+# Added in format 2 (issue 14): a config without them (and without "support") ran with these values.
+ROUTER_V2_DEFAULTS = {"basis": "fc1", "support_rank": None, "centre": False, "unknown": "off",
+                      "unknown_threshold": 1.0}
+SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("string",), "n_images": ("int",)}
 _KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
                "list": "a list", "object": "an object"}
-_TENSOR_KINDS = ("base", "lowrank", "dense", "heads")
+_TENSOR_KINDS = ("base", "lowrank", "dense", "heads", "support")
+_SUPPORT_TENSORS = ("scale", "basis", "centre")
 
 
 class SavedModelError(ValueError):
@@ -124,8 +135,9 @@ def check_config(config: dict) -> dict:
             f"{list(READABLE_VERSIONS)} (a newer mass may have written it: upgrade mass)")
     config = dict(config)
     router = config.get("router")
-    if version == 1 and isinstance(router, dict):
-        config["router"] = {**ROUTER_V1_DEFAULTS, **router}
+    if isinstance(router, dict):
+        config["router"] = {**(ROUTER_V1_DEFAULTS if version == 1 else {}), **ROUTER_V2_DEFAULTS, **router}
+    config.setdefault("support", None)
     _check_fields(config, {**CONFIG_FIELDS, **(V1_ONLY_FIELDS if version == 1 else {})}, "")
     if config["architecture"] not in ARCHITECTURES:
         raise _field_error("architecture", f"must be one of {ARCHITECTURES}, got {config['architecture']!r}")
@@ -144,6 +156,13 @@ def check_config(config: dict) -> dict:
     if not config["storage_factor"] >= 1:
         raise _field_error("storage_factor", f"must be >= 1, got {config['storage_factor']!r}")
     router_config(config)
+    support = config["support"]
+    if support is not None:
+        _check_fields(support, SUPPORT_FIELDS, "support.")
+        if not support["layers"] or any(json_kind(v) != "int" or v < 0 for v in support["layers"]):
+            raise _field_error("support.layers", f"must be a non-empty list of ints >= 0, got {support['layers']!r}")
+        if support["n_images"] < 2:
+            raise _field_error("support.n_images", f"must be >= 2, got {support['n_images']!r}")
     return config
 
 
@@ -176,12 +195,14 @@ def config_of(model, dec: TaskDecomposition, has_heads: bool) -> dict:
         "keep_merged": model.keep_merged,
         "has_heads": has_heads,
         "storage_factor": dec.storage_factor(),
+        "support": None if getattr(model, "support", None) is None else model.support.meta(),
     }
 
 
-def decomposition_tensors(dec: TaskDecomposition, heads: Optional[Mapping[str, torch.Tensor]]) -> dict:
-    """The named tensors of the saved format (contiguous CPU copies)."""
-    tensors = {}
+def decomposition_tensors(dec: TaskDecomposition, heads: Optional[Mapping[str, torch.Tensor]],
+                          support=None) -> dict:
+    """The named tensors of the saved format (contiguous CPU copies); ``support``: a SupportFit or None."""
+    tensors = {f"support/{name}": value for name, value in (support.tensors() if support is not None else {}).items()}
     for key, value in dec.base.items():
         tensors[f"base/{key}"] = value
     for key, f in dec.lowrank.items():
@@ -198,7 +219,12 @@ def _split_names(tensors: Mapping[str, torch.Tensor]):
     for name, value in tensors.items():
         kind, _, rest = name.partition("/")
         if kind not in _TENSOR_KINDS or not rest:
-            raise SavedModelError(f"saved tensors: unexpected tensor {name!r} (not base/, lowrank/, dense/, heads/)")
+            raise SavedModelError(f"saved tensors: unexpected tensor {name!r} (not base/, lowrank/, dense/, heads/, "
+                                  f"support/)")
+        if kind == "support":
+            if rest not in _SUPPORT_TENSORS:
+                raise SavedModelError(f"saved tensors: unexpected tensor {name!r} (support/ holds {_SUPPORT_TENSORS})")
+            continue  # read by support_from_tensors
         if kind == "lowrank":
             key, _, part = rest.rpartition("/")
             if part not in ("U", "S", "V") or not key:
@@ -268,3 +294,32 @@ def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]
         raise _field_error("storage_factor", f"is {config['storage_factor']!r} but the tensors give "
                                              f"{dec.storage_factor()!r}")
     return dec, ({t: heads[t] for t in config["tasks"]} if config["has_heads"] else None)
+
+
+def support_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]):
+    """The router calibration (a :class:`mass.support.SupportFit`) of a checked config, or None, after checking
+    that the support/ tensors agree with it: scale (G, T), basis (G, T, k, D) and centre (G, T, D) optional."""
+    from .support import SupportFit
+
+    found = {name.partition("/")[2]: value for name, value in tensors.items() if name.startswith("support/")}
+    meta = config["support"]
+    if meta is None:
+        if found:
+            raise _field_error("support", f"is null but the tensors hold support/{sorted(found)[0]}")
+        return None
+    G, T = len(meta["layers"]), len(config["tasks"])
+    if "scale" not in found:
+        raise SavedModelError("saved tensors: a calibrated router lacks support/scale")
+    for name, value in found.items():
+        ok = value.is_floating_point() and {
+            "scale": value.shape == (G, T),
+            "basis": value.dim() == 4 and value.shape[:2] == (G, T) and value.shape[2] >= 1,
+            "centre": value.dim() == 3 and value.shape[:2] == (G, T),
+        }[name]
+        if not ok:
+            raise SavedModelError(f"saved tensors: support/{name} has shape {tuple(value.shape)} ({value.dtype}); "
+                                  f"expected a floating tensor with {G} block(s) x {T} tasks")
+    if "centre" in found and ("basis" not in found or found["centre"].shape[2] != found["basis"].shape[3]):
+        raise SavedModelError("saved tensors: support/centre needs a support/basis of the same width")
+    _check_finite({f"support/{k}": v for k, v in found.items()})
+    return SupportFit.from_tensors(found, meta)

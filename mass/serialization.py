@@ -26,7 +26,7 @@ from torch import nn
 from .io_files import atomic_write, fsync_path, regular_file_problem
 from .saved_format import (
     SavedModelError, check_config, config_of, decomposition_from_tensors, decomposition_tensors, parse_config,
-    router_config,
+    router_config, support_from_tensors,
 )
 
 __all__ = ["MODEL_NAME", "SavedModelError", "atomic_write", "load_mass", "read_saved", "save_mass"]
@@ -66,11 +66,12 @@ def save_mass(model, directory) -> None:
     dec = model.decomposition()
     heads = None if model.heads is None else {t: model.head(t) for t in model.tasks}
     config = config_of(model, dec, heads is not None)
-    tensors = decomposition_tensors(dec, heads)
+    tensors = decomposition_tensors(dec, heads, getattr(model, "support", None))
     try:  # the checks a load applies, before anything is written
         check_config(config)
         text = json.dumps(config, indent=1, allow_nan=False)
         decomposition_from_tensors(parse_config(text), tensors)
+        support_from_tensors(check_config(parse_config(text)), tensors)
     except SavedModelError as exc:
         raise ValueError(f"cannot save this model: {exc}") from exc
     metadata = {**_FILE_FORMAT, "config": text, "sha256": content_sha256(text, tensors)}
@@ -124,7 +125,7 @@ def _read_v2(path: Path):
     config = check_config(parse_config(text))
     if config["format_version"] != 2:
         raise SavedModelError(f"{path}: the config says format_version {config['format_version']}, the file is 2")
-    return config, *decomposition_from_tensors(config, tensors)
+    return config, *decomposition_from_tensors(config, tensors), support_from_tensors(config, tensors)
 
 
 def _read_v1(directory: Path):
@@ -145,11 +146,11 @@ def _read_v1(directory: Path):
     dec, heads = decomposition_from_tensors(config, tensors)
     warnings.warn(f"{directory} is a format-1 MASS model: its config is not covered by a checksum. "
                   f"Load it and call save_pretrained again to upgrade it to format 2.", UserWarning, stacklevel=3)
-    return config, dec, heads
+    return config, dec, heads, None
 
 
-def read_saved(directory) -> tuple:
-    """(config, decomposition, heads or None) of a saved MASS directory, after checking all of it."""
+def _read(directory) -> tuple:
+    """(config, decomposition, heads or None, router calibration or None), after checking all of it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SavedModelError(f"{directory} is not a saved MASS model (not a directory)")
@@ -158,6 +159,11 @@ def read_saved(directory) -> tuple:
     if os.path.lexists(directory / LEGACY_CONFIG_NAME):
         return _read_v1(directory)
     raise SavedModelError(f"{directory} is not a saved MASS model (it has no {MODEL_NAME})")
+
+
+def read_saved(directory) -> tuple:
+    """(config, decomposition, heads or None) of a saved MASS directory, after checking all of it."""
+    return _read(directory)[:3]
 
 
 def load_mass(directory, base_model: nn.Module, **overrides):
@@ -170,9 +176,9 @@ def load_mass(directory, base_model: nn.Module, **overrides):
     from .adapters import detect
 
     detect(base_model)  # an unsupported or already wrapped module is refused before anything is read or changed
-    config, dec, heads = read_saved(directory)
+    config, dec, heads, support = _read(directory)
     kwargs = {"router": router_config(config), "heads": heads, "reuse_prefix": config["reuse_prefix"],
-              "keep_merged": config["keep_merged"]}
+              "keep_merged": config["keep_merged"], "support": support}
     kwargs.update(overrides)
     previous = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     try:

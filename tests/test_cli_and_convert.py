@@ -87,3 +87,21 @@ def test_cli_bench_exits_zero_on_a_tiny_model(capsys):
                "--repeats", "1", "--out", ""])
     assert rc == 0
     assert "ours" in capsys.readouterr().out
+
+
+def test_cli_merge_with_support(checkpoints, capsys):
+    from PIL import Image
+
+    tmp, hf, ft = checkpoints
+    for t in "abc":
+        (tmp / "sup" / t).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (40, 40), (40 * i, 80 * "abc".index(t), 30)).save(tmp / "sup" / t / f"{i}.png")
+    argv = ["merge", "--pretrained", str(tmp / "pretrained"), "--finetuned", f"a={tmp / 'a.safetensors'}",
+            f"b={tmp / 'b.pt'}", f"c={tmp / 'c_dir'}", "--layer", "1", "--out", str(tmp / "out"), "--quiet",
+            "--basis", "support", "--unknown", "pretrained", "--support"] + [f"{t}={tmp / 'sup' / t}" for t in "abc"]
+    assert main(argv) == 0
+    model = mass.MASSModel.from_pretrained(tmp / "out", base_model=_hf_twin(OpenCLIPStyleViT(width=32, layers=2)))
+    assert model.router_config.basis == "support" and model.support.n_images == 5
+    assert main(argv[:-4] + ["--out", str(tmp / "out2")]) == 2
+    assert "--support" in capsys.readouterr().err
