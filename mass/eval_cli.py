@@ -22,15 +22,9 @@ class EvalUsageError(ValueError):
 
 
 def _pairs(items, flag: str) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise EvalUsageError(f"{flag} takes TASK=VALUE, got {item!r}")
-        if name in out:
-            raise EvalUsageError(f"{flag}: task {name!r} given twice")
-        out[name] = value
-    return out
+    from .cli import _parse_finetuned  # one parser for TASK=VALUE lists (mass merge's too)
+
+    return _parse_finetuned(items or [], flag)
 
 
 def _csv(text: str) -> list[str]:
