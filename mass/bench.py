@@ -227,21 +227,21 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
 
     stored = {"plain": 1.0, "ours": storage, "ours_graph": storage, "authors": storage, "ensemble": float(n_tasks)}
     gen = torch.Generator().manual_seed(args.seed + 1)
-    configs = {mode: dataclasses.replace(mm.router_config, mode=mode) for mode in args.router_mode}
-    top1 = dataclasses.replace(mm.router_config, mode="top1")
+    # One model per router mode, all sharing mm's encoder and banks (with_router: nothing is decomposed again).
+    views = {mode: mm.with_router(dataclasses.replace(mm.router_config, mode=mode)) for mode in args.router_mode}
+    top1 = mm.with_router(dataclasses.replace(mm.router_config, mode="top1"))
     for batch in batches:
         x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
         for mix in args.mix:
-            mm.router_config = top1
             with torch.no_grad():
-                routed = mm.route(pixel_values=x).task_ids[:, 0]
+                routed = top1.route(pixel_values=x).task_ids[:, 0]
             ids = torch.arange(batch, device=device) % n_tasks if mix == "mixed" else routed
             forced = ids if mix == "mixed" else None
             fns = {"plain": lambda x=x: _embedding(plain(pixel_values=x))}
             info = {p: {"status": "ok", "reason": None} for p in args.providers if p != "ours"}
             for mode in args.router_mode if "ours" in args.providers else ():
                 key = f"ours@{mode}"
-                fns[key] = _ours_call(mm, configs[mode], x, _forced_for(mode, forced, n_tasks))
+                fns[key] = _ours_call(views[mode], x, _forced_for(mode, forced, n_tasks))
                 info[key] = {"status": "ok", "reason": None}
                 if mode != "top1" and mix == "mixed":
                     info[key]["reason"] = ("every sample forced to a two-task set {i, i+1 mod T} (TSV-M over the "
@@ -258,14 +258,8 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                     info["ours_graph"] = {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
                 else:
                     try:
-                        mm.router_config = top1
-                        graphed = GraphedSecondPass(mm, x)
-
-                        def graph_call(x=x, forced=forced, graphed=graphed):
-                            mm.router_config = top1  # the graph replays top-1 entries
-                            return graphed(x, forced)
-
-                        fns["ours_graph"] = graph_call
+                        graphed = GraphedSecondPass(top1, x)  # the graph replays top-1 entries
+                        fns["ours_graph"] = lambda x=x, forced=forced, graphed=graphed: graphed(x, forced)
                     except Exception as exc:  # noqa: BLE001 - reported, not hidden
                         info["ours_graph"] = {"status": "failed",
                                               "reason": f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"}
@@ -319,11 +313,10 @@ def _forced_for(mode: str, forced: Optional[torch.Tensor], n_tasks: int) -> Opti
     return torch.stack([forced, (forced + 1) % n_tasks], 1)
 
 
-def _ours_call(mm, config, x: torch.Tensor, forced: Optional[torch.Tensor]):
-    """MASSModel under one router configuration (set before each call: the modes share one model)."""
+def _ours_call(mm, x: torch.Tensor, forced: Optional[torch.Tensor]):
+    """One call of a MASSModel (one router mode)."""
 
     def call():
-        mm.router_config = config
         if forced is None:
             return _embedding(mm(pixel_values=x))
         mm.route(pixel_values=x)  # first pass + router are paid for; the decision is replaced
