@@ -11,9 +11,8 @@ import mass
 import mass.clip
 from _clip_fixtures import (finetuned_towers, hf_to_openclip, save_clip, tiny_clip, without_projection,
                             write_tokenizer)
-from mass.checkpoints import CheckpointError
+from mass.checkpoints import CheckpointError, open_finetuned
 from mass.clip import HubUnavailableError, load_vision, mmap_safetensors, prepare, vision_encoder
-from mass.decompose import open_finetuned
 
 
 @pytest.fixture(scope="module")
