@@ -9,11 +9,13 @@ it: the launchers' own argument builders (``plan_launch``/``shrink_launch``/``li
 run on meta tensors of the variant's shapes, and Triton's own specialisation rule turns each argument into its
 signature type, a ``constexpr`` 1, or a divisibility-by-16 hint. ``cuobjdump --dump-resource-usage`` (shipped in
 the triton wheel) gives REG, STACK (bytes of local stack per thread: spills) and SHARED; the PTX tells whether
-``wgmma`` (sm_90 warp-group MMA) or ``mma.sync`` is used. Exit status 1 if a compile fails or a 16-bit
-(bf16/fp16) variant spills, unless ``--no-fail``.
+``wgmma`` (sm_90 warp-group MMA) or ``mma.sync`` is used. Exit status 1 if a compile fails or a variant a
+launch can pick spills (routing, and the low-rank kernels' autotune candidates of every dtype at a rank that is
+a multiple of 16), unless ``--no-fail``.
 
 Variants: kernels ``linear`` (fused base GEMM + expand), ``expand`` (the vendor candidate's expand-only kernel),
-``shrink`` and ``routing``; every autotune candidate (routing: its block-size heuristic at 1, 32 and 128 rows);
+``shrink`` and ``routing``; every autotune candidate of the dtype (routing: its block-size heuristic at 1, 32
+and 128 rows, and in the full set at k = 16…384);
 dtypes bf16, fp16, fp32 with TF32 and fp32 IEEE; sm_90 and sm_80; K slots 1 and 2; bias / task bias / row
 weights on and off; T = 8 with k = 96 and T = 20 with k = 38 (as decomposed) and k = 48 (padded by
 ``mass_kernels.pad_rank``), at ViT-B/16 fc1 (768 → 3072, 64 images x 197 tokens).
@@ -40,41 +42,70 @@ D_IN, D_OUT, ROWS = 768, 3072, 64 * 197
 FLAGS = ((True, False, False), (True, True, True), (False, False, False), (True, True, False))  # bias, tb, weights
 
 
-def _candidates(kernel: str, dtype: str) -> list[int]:
-    """Indices of the autotune configs a launch may pick for this dtype (fp32 drops the ones that spill)."""
+ROUTING_K = (16, 32, 38, 48, 64, 96, 128, 256, 384)  # full set: the routing tile heuristic over k (K_PAD 16…512)
+
+
+def operand_class(dtype: str) -> str:
+    return "16-bit" if dtype in ("bf16", "fp16") else dtype[len("fp32-"):]
+
+
+def candidates(kernel: str, dtype: str) -> list[int]:
+    """Indices, in the autotuner's config list, of the configs a launch may pick for this kernel and dtype
+    (``mass_kernels.lowrank.CONFIG_SETS``)."""
     from mass_kernels import lowrank
 
-    configs, fp32 = ((lowrank._SHRINK_CONFIGS, lowrank._SHRINK_FP32) if kernel == "shrink"
-                     else (lowrank._LINEAR_CONFIGS, lowrank._LINEAR_FP32))
-    return list(fp32[dtype[5:]]) if dtype.startswith("fp32") else list(range(len(configs)))
+    full = lowrank._SHRINK_CONFIGS if kernel == "shrink" else lowrank._LINEAR_CONFIGS
+    return [next(i for i, d in enumerate(full) if d is c)
+            for c in lowrank.CONFIG_SETS[(kernel, operand_class(dtype))]]
+
+
+def _routing(arch, dtype, k, rows, T=None):
+    return dict(kernel="routing", arch=arch, dtype=dtype, T=T or max(1, D_IN // k), k=k, rows=rows, config=None,
+                K=1, bias=False, task_bias=False, weights=False)
+
+
+def _lowrank(kernel, arch, dtype, T, k, K, flags, config):
+    return dict(kernel=kernel, arch=arch, dtype=dtype, T=T, k=k, K=K, bias=flags[0], task_bias=flags[1],
+                weights=flags[2], config=config, rows=ROWS)
+
+
+def ci_extra() -> list[dict]:
+    """What the CI subset adds to its bf16 sm_90 / fp16 sm_80 core: the 16-bit variants that spilled before a
+    fix, and every fp32 autotune candidate once, at a variant where an earlier fp32 candidate spilled."""
+    b = FLAGS[0]
+    out = [_lowrank("linear", 80, "fp16", 8, 96, 2, b, candidates("linear", "fp16")[2])]  # 8 B: 64x64x64 tile
+    for dtype, (arch, T, k, K) in (("fp32-tf32", (80, 8, 96, 2)), ("fp32-ieee", (90, 20, 48, 1))):
+        out += [_lowrank(kernel, arch, dtype, T, k, K, b, c) for kernel in ("linear", "expand", "shrink")
+                for c in candidates(kernel, dtype)]
+    # routing: 32-row tile at k = 48 (8-24 B on sm_90), IEEE at k = 96 (up to 648 B on sm_80)
+    out += [_routing(90, "fp32-tf32", 48, 32, 20)] + [_routing(80, "fp32-ieee", 96, n, 8) for n in (32, 128)]
+    return out
 
 
 def variants(subset: str = "full") -> list[dict]:
     """Every combination to compile, as plain dicts (they travel to worker processes). ``subset``: "full",
-    "quick" (16-bit on both archs and TF32 on sm_90, the smallest and largest tiles), "ci" (fewer still)."""
+    "quick" (16-bit on both archs and TF32 on sm_90, the smallest and largest tiles), "ci" (bf16 on sm_90 and
+    fp16 on sm_80 with the smallest and largest tiles, plus :func:`ci_extra`)."""
     out = []
     if subset == "full":
         combos = list(itertools.product(ARCHS, DTYPES, SHAPES))
         slots, lin_flags, other_flags, rows, pick = (1, 2), FLAGS, (FLAGS[0], FLAGS[1]), (1, 32, 128), None
+        out += [_routing(a, d, k, n) for a, d in itertools.product(ARCHS, DTYPES) for k in ROUTING_K
+                if k not in {k for _, k in SHAPES} for n in rows]
     else:
         dtypes = (("bf16", 90), ("fp16", 80)) if subset == "ci" else \
             tuple((d, a) for a in ARCHS for d in ("bf16", "fp16")) + (("fp32-tf32", 90),)
         combos = [(a, d, sh) for d, a in dtypes for sh in ((8, 96), (20, 48))]
-        slots, lin_flags, other_flags, rows = (2,) if subset == "ci" else (1, 2), FLAGS[1:2], FLAGS[1:2], (1, 128)
-        pick = lambda c: [c[0], c[-1]]  # noqa: E731 - smallest and largest tile
+        slots, lin_flags, other_flags, rows = (2,) if subset == "ci" else (1, 2), FLAGS[1:2], FLAGS[1:2], (1, 32, 128)
+        pick = lambda c: list(dict.fromkeys((c[0], c[-1])))  # noqa: E731 - smallest and largest tile
     for arch, dtype, (T, k) in combos:
-        base = dict(arch=arch, dtype=dtype, T=T, k=k)
-        for n in rows:
-            out.append(dict(base, kernel="routing", rows=n, config=None, K=1, bias=False, task_bias=False,
-                            weights=False))
+        out += [_routing(arch, dtype, k, n, T) for n in rows]
         for K in slots:
             for kernel, flags in (("linear", lin_flags), ("expand", other_flags), ("shrink", other_flags)):
-                cfgs = _candidates(kernel, dtype)
+                cfgs = candidates(kernel, dtype)
                 cfgs = cfgs if pick is None else pick(cfgs)[: 1 if kernel == "expand" else 2]
-                for (bias, tb, w), c in itertools.product(flags, cfgs):
-                    out.append(dict(base, kernel=kernel, config=c, K=K, bias=bias, task_bias=tb, weights=w,
-                                    rows=ROWS))
-    return out
+                out += [_lowrank(kernel, arch, dtype, T, k, K, f, c) for f, c in itertools.product(flags, cfgs)]
+    return out + (ci_extra() if subset == "ci" else [])
 
 
 def _torch_dtype(name: str):
@@ -227,8 +258,8 @@ def markdown(result: dict) -> str:
              f"{sum(r['ok'] and spills(r) and r['kernel'] != 'routing' and r['k'] % 16 != 0 for r in rows)} at an "
              "unpadded rank, which the library does not launch on CUDA: banks are padded by mass_kernels.pad_rank). "
              f"Lowrank kernels at {D_IN} → {D_OUT}, {ROWS} rows; routing at D = {D_IN}. Stack = bytes of local stack "
-             "per thread (spills). fp32 rows list only the autotune candidates (configs that spill are dropped "
-             "from fp32 autotuning: mass_kernels.lowrank._LINEAR_FP32/_SHRINK_FP32).", "",
+             "per thread (spills). Each dtype's rows list its autotune candidates only (mass_kernels.lowrank."
+             "CONFIG_SETS: fp32 at TF32 and at IEEE precision has its own sets, without the tiles that spill).", "",
              "| kernel | arch | dtype | T | k | K | b/tb/w | config | warps/stages | regs | stack B | shared B | "
              "wgmma | mma.sync |", "|" + "---|" * 14]
     for r in rows:

@@ -225,44 +225,84 @@ def _lowrank_linear_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotune: a small config set (6 linear, 5 shrink), pruned before benchmarking by problem size
-# (BLOCK_M ≤ row bucket, BLOCK_N/BLOCK_K/BLOCK_R ≤ the padded dims) so the first call benchmarks
-# only a handful; keyed on (row bucket, out, in, rank) + tensor dtypes. Under the interpreter the
-# prune returns one small config, so the autotuner skips benchmarking. Call mass_kernels.warmup()
-# before serving / CUDA-graph capture: benchmarking cannot run inside a capture.
+# Autotune: a small config set per kernel and operand class (16-bit, fp32 with TF32, fp32 IEEE), pruned
+# before benchmarking by problem size (BLOCK_M ≤ row bucket, BLOCK_N/BLOCK_K/BLOCK_R ≤ the padded dims) so
+# the first call benchmarks only a handful; keyed on (row bucket, out, in, rank, precision) + tensor dtypes.
+# Every config of a set compiles without register spills on sm_90 and sm_80 for every variant of the static
+# GPU check (bench/static_gpu_check.py: slots, biases, weights, T = 8/20): ptxas picks a register target per
+# kernel and may spill a few bytes to meet it, so a tile that spilled somewhere is left out of that set.
+# Under the interpreter the prune returns one small config, so the autotuner skips benchmarking. Call
+# mass_kernels.warmup() before serving / CUDA-graph capture: benchmarking cannot run inside a capture.
 
 def _cfg(bm, bn, bk, br, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br},
                          num_warps=warps, num_stages=stages)
 
 
-_LINEAR_CONFIGS = [
+def _shrink_cfg(bm, br, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_R": br, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+_LINEAR_16 = [
     _cfg(16, 64, 64, 32, 4, 3),    # decode-like batches
     _cfg(32, 64, 64, 32, 4, 3),
-    _cfg(64, 64, 64, 32, 4, 3),
+    _cfg(64, 64, 32, 32, 4, 4),    # BLOCK_K 64 with 3 stages spilled 8 B on sm_80 at K = 2
     _cfg(64, 128, 32, 32, 4, 4),
     _cfg(128, 128, 32, 32, 8, 3),   # large batches
-    _cfg(128, 64, 64, 32, 8, 3),   # 4 warps spilled 4 B on sm_80 at k = 48, K = 1 (static GPU check)
+    _cfg(128, 64, 64, 32, 8, 3),   # 4 warps spilled 4 B on sm_80 at k = 48, K = 1
 ]
+# fp32 operands: a TF32 dot keeps twice the bytes per operand tile; an IEEE dot runs on FMA units with its
+# operand tiles in registers (small K steps). The 16-bit tiles left out here spilled 8-24 B (TF32) and up to
+# 6 KB (IEEE) somewhere; the expand-only kernel (no K loop) spills on other tiles than the fused one.
+_LINEAR_TF32 = [_cfg(16, 64, 64, 32, 8, 3), _cfg(64, 64, 64, 32, 4, 3), _LINEAR_16[4], _LINEAR_16[5]]
+_EXPAND_TF32 = [_LINEAR_16[0], _LINEAR_16[5]]
+_LINEAR_IEEE = [_cfg(16, 64, 32, 16, 4, 2), _cfg(32, 64, 32, 16, 8, 2)]
+_EXPAND_IEEE = _LINEAR_IEEE
+_SHRINK_16 = [
+    _shrink_cfg(16, 64, 64, 4, 3),
+    _shrink_cfg(32, 64, 64, 4, 3),
+    _shrink_cfg(64, 64, 64, 4, 3),
+    _shrink_cfg(64, 128, 32, 4, 4),
+    _shrink_cfg(128, 64, 32, 8, 3),
+]
+_SHRINK_TF32 = [_SHRINK_16[i] for i in (0, 1, 2, 4)]
+_SHRINK_IEEE = [_shrink_cfg(16, 64, 32, 4, 2), _SHRINK_16[4]]
+
+CONFIG_SETS = {  # (kernel, operand class) -> autotune candidates
+    ("linear", "16-bit"): _LINEAR_16, ("linear", "tf32"): _LINEAR_TF32, ("linear", "ieee"): _LINEAR_IEEE,
+    ("expand", "16-bit"): _LINEAR_16, ("expand", "tf32"): _EXPAND_TF32, ("expand", "ieee"): _EXPAND_IEEE,
+    ("shrink", "16-bit"): _SHRINK_16, ("shrink", "tf32"): _SHRINK_TF32, ("shrink", "ieee"): _SHRINK_IEEE,
+}
+
+
+def _union(*sets):
+    out = []
+    for c in (c for s in sets for c in s):
+        if not any(c is d for d in out):
+            out.append(c)
+    return out
+
+
+# What the autotuners hold (the linear and expand-only tuners share one list); a prune keeps one set of it.
+_LINEAR_CONFIGS = _union(*(v for (kernel, _), v in CONFIG_SETS.items() if kernel != "shrink"))
+_SHRINK_CONFIGS = _union(*(v for (kernel, _), v in CONFIG_SETS.items() if kernel == "shrink"))
 _LINEAR_INTERPRET = _cfg(16, 32, 32, 16, 1, 1)  # small tiles: exercises multi-tile/rank loops
+_SHRINK_INTERPRET = _shrink_cfg(16, 16, 32, 1, 1)
 
 
-# fp32 candidates: the configs that compile without spills on sm_90 and sm_80 (bench/static_gpu_check.py; the
-# others kept 24 B to 6 KB of stack per thread — an fp32-IEEE dot runs on FMAs with its tiles in registers).
-_LINEAR_FP32 = {"tf32": (0, 1, 2, 4, 5), "ieee": (0,)}
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """"16-bit" for fp16/bf16 operands, else the fp32 dot precision ("tf32" or "ieee")."""
+    return "16-bit" if dtype in (torch.float16, torch.bfloat16) else precision
 
 
-def _fp32_candidates(configs, allowed, named_args, kwargs):
-    """The configs allowed for fp32 operands at the call's dot precision; all of them for 16-bit operands."""
-    if named_args["x_ptr"].dtype != torch.float32:
-        return list(configs)
-    return [configs[i] for i in allowed[kwargs.get("PRECISION", "ieee")]]
+def _candidates(kernel, named_args, kwargs):
+    return CONFIG_SETS[(kernel, operand_class(named_args["x_ptr"].dtype, kwargs.get("PRECISION", "ieee")))]
 
 
 def _prune_linear(configs, named_args, **kwargs):
     if interpreting():
         return [_LINEAR_INTERPRET]
-    configs = _fp32_candidates(configs, _LINEAR_FP32, named_args, kwargs)
+    configs = _candidates("linear" if kwargs.get("HAS_BASE", True) else "expand", named_args, kwargs)
     nb, d_out, d_in = named_args["n_bucket"], named_args["d_out"], named_args["d_in"]
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, nb)
@@ -271,23 +311,10 @@ def _prune_linear(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-_SHRINK_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_R": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-]
-_SHRINK_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 32}, num_warps=1, num_stages=1)
-
-
-_SHRINK_FP32 = {"tf32": (0, 1, 2, 4), "ieee": (0, 4)}  # as _LINEAR_FP32
-
-
 def _prune_shrink(configs, named_args, **kwargs):
     if interpreting():
         return [_SHRINK_INTERPRET]
-    configs = _fp32_candidates(configs, _SHRINK_FP32, named_args, kwargs)
+    configs = _candidates("shrink", named_args, kwargs)
     nb, rank = named_args["n_bucket"], named_args["rank"]
     keep = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, nb) and c.kwargs["BLOCK_R"] <= max(64, next_pow2(rank))]

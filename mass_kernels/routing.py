@@ -77,17 +77,25 @@ def kernel_roundoff(dtype: torch.dtype) -> dict:
     return {"unit_roundoff": 2.0 ** -23, "input_roundoff": 2.0 ** -11 if tf32 else 0.0}
 
 
-def _block_sizes(n: int, d: int, k_pad: int) -> tuple[int, int, int, int]:
+def _block_sizes(n: int, d: int, k_pad: int, fma: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps, num_stages): fixed heuristic, no autotune (one cheap GEMM).
 
-    Keeps the fp32 accumulator (BLOCK_M x K_PAD) at ≤ 8K elements so large k does not spill.
+    Keeps the fp32 accumulator (BLOCK_M x K_PAD) at ≤ 8K elements so large k does not spill. ``fma``: fp32
+    operands at IEEE precision, where ``tl.dot`` runs on FMA units with both operand tiles in registers, so
+    the D step is 16 (at 32-64 it spilled up to 648 B on sm_80). Every choice here is checked spill-free on
+    sm_90 and sm_80 for k = 16…384 by bench/static_gpu_check.py (the routing sweep of its tables).
     """
     block_m = 16 if n <= 16 else (32 if n <= 32 or k_pad >= 256 else 64)
     block_m = min(block_m, max(16, 8192 // k_pad))
-    # (BLOCK_M 16, BLOCK_D 64, K_PAD 128) kept an 8-byte stack frame on sm_90 (bench/static_gpu_check.py)
-    block_d = 64 if k_pad < 128 or (k_pad == 128 and block_m > 16) else 32
+    if fma:
+        block_d, num_warps = 16, 4 if block_m * k_pad < 2048 else 8
+    else:
+        # (BLOCK_M 16, BLOCK_D 64, K_PAD 128) kept an 8-byte stack frame on sm_90
+        block_d = 64 if k_pad < 128 or (k_pad == 128 and block_m > 16) else 32
+        num_warps = 4 if block_m * k_pad <= 4096 else 8
+        if (block_m, k_pad) == (32, 64):  # 4 warps: ptxas held it to 64 registers and spilled 8 B on sm_90
+            num_warps = 8
     block_d = min(block_d, max(16, next_pow2(d)))
-    num_warps = 4 if block_m * k_pad <= 4096 else 8
     # one 16-row tile: little to pipeline; 3 stages kept an 8-byte stack frame for fp32 on sm_90
     return block_m, block_d, num_warps, 2 if block_m == 16 else 3
 
@@ -98,11 +106,13 @@ def routing_launch(x: torch.Tensor, basis: torch.Tensor, out: torch.Tensor) -> t
     G, N, D = x.shape
     T, K = basis.shape[1], basis.shape[2]
     k_pad = max(16, next_pow2(K))
-    block_m, block_d, num_warps, num_stages = _block_sizes(N, D, k_pad)
+    precision = dot_precision(x.dtype)
+    block_m, block_d, num_warps, num_stages = _block_sizes(N, D, k_pad, x.dtype == torch.float32
+                                                           and precision == "ieee")
     args = (x, basis, out, N, D, K, x.stride(0), x.stride(1), basis.stride(0), basis.stride(1), basis.stride(2),
             out.stride(0), out.stride(1))
     meta = dict(BLOCK_M=block_m, BLOCK_D=block_d, K_PAD=k_pad, UPCAST=needs_bf16_upcast(x.dtype),
-                PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages)
+                PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return args, meta, (triton.cdiv(N, block_m), T, G)
 
 
