@@ -281,9 +281,17 @@ def load_asset(directory: Optional[Path] = None):
     """``(clip_model, tokenizer)`` of the committed pretrained model; the weights' SHA-256 is checked."""
     from transformers import AutoTokenizer, CLIPModel
 
+    from transformers.utils import logging as hf_logging
+
     directory = Path(directory or ASSET_DIR)
     weights_sha256(directory)
-    clip = CLIPModel.from_pretrained(str(directory)).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 6 MB file is noise
+    try:
+        clip = CLIPModel.from_pretrained(str(directory)).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return clip, tokenizer
 
