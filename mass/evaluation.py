@@ -44,6 +44,7 @@ ROUTERS = {
     "paper": RouterConfig,  # top-k over the TSV-M model's features, block 3/4 deep (MASS.md defaults)
     "top1": lambda: RouterConfig(mode="top1"),
     "recommended": RouterConfig.recommended,  # θ0's features, top-1 (docs/router_study.md)
+    "energy": lambda: RouterConfig.recommended(norm="energy"),  # the same, scores calibrated per task, no data
     "few-example": RouterConfig.few_example,  # a support-set basis from a few unlabelled images per task
 }
 SUPPORT_SEED = 0  # the draw of support images from the evaluation data (when no support_data is given)
@@ -57,9 +58,10 @@ def needs_support(config: RouterConfig) -> bool:
 def support_indices(n_samples: int, n: int, seed: int = SUPPORT_SEED) -> list[int]:
     """The ``n`` samples (sorted indices) of a task's data that serve as its support images: a seeded random draw
     (data are often sorted by class, so the first ``n`` would be one class). Their labels are never read."""
-    if not MIN_IMAGES <= n <= n_samples:
-        raise ValueError(f"cannot draw {n} support images from a task of {n_samples} samples (at least "
-                         f"{MIN_IMAGES} are needed)")
+    if n < MIN_IMAGES:
+        raise ValueError(f"at least {MIN_IMAGES} support images per task are needed, got {n}")
+    if n > n_samples:
+        raise ValueError(f"cannot draw {n} support images from a task of {n_samples} samples")
     order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
     return sorted(order[:n].tolist())
 

@@ -104,14 +104,15 @@ def test_support_images_are_drawn_and_left_out_of_every_row(bench):
 
 def test_few_example_rows_equal_direct_computation(bench):
     result = evaluate(bench["clip"], bench["ft"], bench["data"], bench["heads"], methods=["individual", "mass"],
-                      routers=["few-example", "recommended"], support_per_task=N_SUPPORT, batch_size=BATCH,
+                      routers=["few-example", "energy"], support_per_task=N_SUPPORT, batch_size=BATCH,
                       progress=False, latency=False)
     support, evaluated, _ = take_support(bench["data"], None, list(CLASSES), N_SUPPORT)
     few = _model(bench, mass.RouterConfig.few_example(), support)
     assert few.router_config.basis == "support" and few.support.n_images == N_SUPPORT
     _check(result, "few-example", _direct(few, bench, evaluated))
     # a router that needs no support images is evaluated on the same (reduced) samples
-    _check(result, "recommended", _direct(_model(bench, mass.RouterConfig.recommended(), None), bench, evaluated))
+    energy = _model(bench, mass.RouterConfig.recommended(norm="energy"), None)
+    _check(result, "energy", _direct(energy, bench, evaluated))
     assert result.samples == {"task0": 8 - N_SUPPORT, "task1": 12 - N_SUPPORT, "task2": 8 - N_SUPPORT}
     assert "left out of every row" in result.config["support"] and not result.unknown_rate
 
