@@ -36,14 +36,22 @@ ROW_LABELS = {
     "mass[paper]": "MASS, paper's router (topk, merged features)",
     "mass[top1]": "MASS, top-1 (merged features)",
     "mass[recommended]": "MASS, recommended router (θ0 features, top-1)",
+    "mass[energy]": "MASS, recommended + per-task energy calibration (no data)",
+    "mass[few-example]": "MASS, few-example router (32 unlabelled images per task)",
     "mass_oracle": "MASS, own task forced (routing oracle)",
 }
+
+
+#: Unlabelled training images per task that calibrate the few-example router (never test images).
+SUPPORT_PER_TASK = 32
 
 
 def demo_routers(layer: int) -> dict:
     """The routers the demo compares, all reading the input of block ``layer``'s MLP."""
     return {"paper": mass.RouterConfig(layer=layer), "top1": mass.RouterConfig(layer=layer, mode="top1"),
-            "recommended": mass.RouterConfig.recommended(layer=layer)}
+            "recommended": mass.RouterConfig.recommended(layer=layer),
+            "energy": mass.RouterConfig.recommended(layer=layer, norm="energy"),
+            "few-example": mass.RouterConfig.few_example(layer=layer)}
 
 
 def regime(result: mass.EvalResult) -> dict:
@@ -64,9 +72,11 @@ def run_seed(seed: int, quick: bool, n_tasks: int, cache_root: Optional[str], pr
     art = prepare_demo(cache_root=cache_root, config=cfg, progress=progress, verbose=progress,
                        pretrained_dir=pretrained_dir)
     data = {t.name: torch.utils.data.TensorDataset(t.test_images, t.test_labels) for t in art.tasks}
+    support = {t.name: torch.utils.data.TensorDataset(t.train_images, t.train_labels) for t in art.tasks}
     torch.manual_seed(seed)
     result = mass.evaluate(art.clip, art.finetuned, data, art.heads, routers=demo_routers(art.config.router_block),
-                           batch_size=128, progress=progress, latency_repeats=5)
+                           batch_size=128, progress=progress, latency_repeats=5,
+                           support_per_task=min(SUPPORT_PER_TASK, art.config.n_train), support_data=support)
     run = {"seed": seed, "result": json.loads(result.to_json()), "regime": regime(result),
            "config": art.config.to_dict(), "timings": art.timings, "loaded_from_cache": art.loaded_from_cache}
     return run, result

@@ -94,8 +94,7 @@ class _Bench:
 
 def _bench(seed: int, cache_root: Optional[str], quick: bool) -> _Bench:
     cfg = DemoConfig.make(quick=quick, n_tasks=8, seed=seed)
-    cache_dir = None if cache_root is None else Path(cache_root) / cfg.hash()
-    art = prepare_demo(cache_dir=cache_dir, config=cfg, progress=False, verbose=False)
+    art = prepare_demo(cache_root=cache_root, config=cfg, progress=False, verbose=False)
     names, L = art.task_names, cfg.router_block
     dec = mass.decompose(art.pretrained, art.finetuned, progress=False)
     base = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(layer=L), heads=art.heads)
@@ -145,7 +144,7 @@ def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=p
             for n in SIZES:
                 support = {t: pools[t][:n] for t in names}
                 for rank in RANKS:
-                    if rank > mass.support.max_rank(n - 1, cfg.hidden_size, centre):
+                    if rank > mass.support.max_rank(n - 1, art.pretrained.config.hidden_size, centre):
                         continue
                     router = mass.RouterConfig(layer=L, basis="support", support_rank=rank, centre=centre,
                                                features=features, mode="top1")
@@ -165,7 +164,7 @@ def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=p
                                features=best["features"], mode="top1")
     for n in (8, 32):  # at N=8 the rank is capped at what 7 held-out images span
         router = dataclasses.replace(chosen, support_rank=min(best["rank"], mass.support.max_rank(
-            n - 1, cfg.hidden_size, best["centre"])))
+            n - 1, art.pretrained.config.hidden_size, best["centre"])))
         evaluate(f"support N={n} (chosen on validation)", base.calibrate({t: pools[t][:n] for t in names}, router),
                  {**result["chosen"], "rank": router.support_rank, "n": n})
     result["unknown"] = _unknown_study(art, seed, L, pools, chosen, log)
