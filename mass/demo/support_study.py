@@ -26,13 +26,30 @@ import torch
 import mass
 from mass._benchutil import git_commit
 
-from .run import _evaluate_mass
+from mass.evaluation import routed_correct
+
 from .training import DemoConfig, prepare_demo
 
 SIZES = (4, 8, 16, 32, 64)
 RANKS = (1, 2, 4, 8, 16, 32)
 THRESHOLDS = (0.8, 1.0, 1.2, 1.5, 2.0, 3.0)
 EVAL_BATCH = 500
+
+
+@torch.no_grad()
+def _evaluate_mass(model: mass.MASSModel, art) -> dict:
+    """Per task: accuracy (a sample counts only through its own task's head) and routing accuracy (its own
+    task is among the selected ones)."""
+    acc, routed = {}, {}
+    for t_idx, task in enumerate(art.tasks):
+        correct = hit = 0
+        for i in range(0, len(task.test_labels), EVAL_BATCH):
+            x, y = task.test_images[i:i + EVAL_BATCH], task.test_labels[i:i + EVAL_BATCH]
+            res = model.classify(pixel_values=x, logit_scale=art.config.logit_scale)
+            correct += int(routed_correct(res.task_ids, res.predictions, t_idx, y).sum())
+            hit += int((res.routing.task_ids == t_idx).any(1).sum())
+        acc[task.name], routed[task.name] = correct / len(task.test_labels), hit / len(task.test_labels)
+    return {"acc": acc, "routing": routed}
 
 
 @torch.no_grad()
