@@ -151,7 +151,7 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"Storage: θ0 + task factors = **{first['storage_factor']:.3f}×** the pretrained vision tower.",
               "Routing acc: share of test images whose best-scored task is their own. Latency: routed MASS forward "
               "over one plain forward, same mixed batch, same run, CPU "
-              f"({runs[0]['result']['config']['torch_threads']} threads).", ""]
+              f"({runs[0]['result']['config']['torch_threads']} torch thread(s)).", ""]
     return "\n".join(lines) + "\n"
 
 
