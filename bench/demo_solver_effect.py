@@ -50,7 +50,7 @@ def main(argv=None):
     result = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
         art = prepare_demo(config=DemoConfig.make(seed=seed), progress=False, verbose=False)
-        routers = {k: v for k, v in demo_routers(art.config.router_block).items() if k in ROUTERS}
+        routers = {k: v for k, v in demo_routers(art.config.router_block, art.pretrained.config.num_hidden_layers).items() if k in ROUTERS}
         per_solver = {}
         for solver in ("full", "randomized"):
             dec = mass.decompose(art.pretrained, art.finetuned, solver=solver, progress=False)
