@@ -198,6 +198,7 @@ def run_demo(out_dir: str = "mass_demo_out", quick: bool = False, cache_dir: Opt
     if n_tasks < 2:
         raise ValueError("--tasks must be >= 2")
     start = time.perf_counter()
+    commit = git_commit() or "unknown"  # the code that runs (taken before, not after, the minutes of work)
     runs, results = [], []
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(auto_num_threads())  # busy cores make extra OpenMP threads slow everything down
@@ -209,7 +210,7 @@ def run_demo(out_dir: str = "mass_demo_out", quick: bool = False, cache_dir: Opt
     finally:
         torch.set_num_threads(prev_threads)
     report = {
-        "quick": quick, "n_tasks": n_tasks, "seeds": seeds, "commit": git_commit() or "unknown",
+        "quick": quick, "n_tasks": n_tasks, "seeds": seeds, "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "criteria": CRITERIA, "regime_holds": all(r["regime"]["holds"] for r in runs),
