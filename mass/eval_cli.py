@@ -59,7 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JSON file {task: [class names in label order]} for data without usable class names")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task (seeded subset)")
     p.add_argument("--methods", default=",".join(_methods()), help="comma list (default: all)")
-    p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended")
+    p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended, energy, few-example")
+    p.add_argument("--support-per-task", type=int, default=None, metavar="N",
+                   help="unlabelled images per task that calibrate routers needing them (few-example, --unknown; "
+                        "default 32): drawn from --support-split, else from the evaluated data (after --limit) and "
+                        "left out of every row")
+    p.add_argument("--support-split", default=None, metavar="SPLIT",
+                   help="dataset split the support images come from (e.g. train); not for image folders")
+    p.add_argument("--unknown", choices=("pretrained", "merged"), default=None,
+                   help="unknown-task detector on every MASS router: a flagged image gets the pretrained or merged "
+                        "model's output and counts as wrong; the table shows the share flagged")
+    p.add_argument("--unknown-threshold", type=float, default=None, metavar="T",
+                   help="flag when the chosen task's residual exceeds T x its calibrated scale (default 1.0)")
     p.add_argument("--rank", default=None, help="k per matrix: int or fraction (default floor(min(out,in)/T))")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
@@ -116,6 +127,37 @@ def _plan(args):
     return pretrained, args.text_model or pretrained, finetuned, data
 
 
+def _routers(args) -> dict:
+    """{name: RouterConfig} for --routers, with the detector of --unknown / --unknown-threshold on each."""
+    import dataclasses
+
+    from .evaluation import resolve_routers
+
+    configs = resolve_routers(_csv(args.routers))
+    if args.unknown_threshold is not None and args.unknown is None:
+        raise EvalUsageError("--unknown-threshold needs --unknown pretrained|merged")
+    if args.unknown is not None:
+        extra = {} if args.unknown_threshold is None else {"unknown_threshold": args.unknown_threshold}
+        configs = {name: dataclasses.replace(c, unknown=args.unknown, **extra) for name, c in configs.items()}
+    return configs
+
+
+def _check_support_split(args, data_sources: dict) -> None:
+    """A support split must exist apart from the evaluated one: refuse the same split and image folders."""
+    from .data import is_saved_dataset
+
+    if args.support_split is None:
+        return
+    for task, (source, _, split) in data_sources.items():
+        if args.support_split == split:
+            raise EvalUsageError(f"--support-split {split!r} is the split evaluated for task {task!r}: the support "
+                                 f"images would be evaluated too (omit --support-split to leave them out instead)")
+        if Path(source).is_dir() and not is_saved_dataset(source):
+            raise EvalUsageError(f"--support-split: the data of task {task!r} is an image folder, which has no "
+                                 f"splits (omit --support-split: support images are then drawn from it and left "
+                                 f"out of the evaluation)")
+
+
 def _tokenizer(source):
     from transformers import AutoTokenizer
 
@@ -137,11 +179,13 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise EvalUsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _routers(args)  # bad router options fail before anything is loaded
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     pretrained, text_source, finetuned, data_sources = _plan(args)
+    _check_support_split(args, data_sources)
     templates = json.loads(Path(args.templates).read_text()) if args.templates else None
     classes = json.loads(Path(args.classes).read_text()) if args.classes else {}
     if not isinstance(classes, dict):
@@ -160,9 +204,14 @@ def run(args) -> int:
             for t, (src, cfg, split) in data_sources.items()}
     names = {t: [c.replace("_", " ") for c in d.classes] for t, d in data.items()}
     heads = zero_shot_heads(clip, _tokenizer(text_source), names, templates=templates)
-    result = evaluate(vision, finetuned, data, heads, methods=_csv(args.methods), routers=_csv(args.routers),
+    support_data = None
+    if args.support_split is not None:
+        support_data = {t: load_task_data(src, preprocess, t, split=args.support_split, config=cfg,
+                                          classes=classes.get(t)) for t, (src, cfg, _) in data_sources.items()}
+    result = evaluate(vision, finetuned, data, heads, methods=_csv(args.methods), routers=_routers(args),
                       rank=_rank(args.rank), batch_size=args.batch_size, progress=not args.quiet,
-                      latency=not args.no_latency, device=args.device, num_workers=args.num_workers)
+                      latency=not args.no_latency, device=args.device, num_workers=args.num_workers,
+                      support_per_task=args.support_per_task, support_data=support_data)
     result.config.update(pretrained=str(pretrained), text_model=str(text_source), preset=args.preset,
                          finetuned={t: str(c) for t, c in finetuned.items()},
                          data={t: str(s[0]) for t, s in data_sources.items()}, limit=args.limit)

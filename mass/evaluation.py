@@ -4,8 +4,13 @@ Rows: each fine-tuned model on its own task (``individual``, the upper bound), t
 (``zero_shot``), the static merges (``task_arithmetic`` λ = 0.3, ``ties``, ``tsv``), MASS with each router asked
 for (``mass[<router>]``) and MASS with every sample's own task forced (``mass_oracle``: what the low-rank blocks
 keep when routing is right). Static models get each task's own head (the task is known). A MASS sample counts as
-correct only if its prediction comes from its own task's head: a sample routed away is wrong. Every task's
-data is read once; all models see the same batches.
+correct only if its prediction comes from its own task's head: a sample routed away (or flagged as no task by
+the unknown-task detector) is wrong. Every task's data is read once; all models see the same batches.
+
+Routers that need a few unlabelled images per task (``basis="support"``, e.g. ``"few-example"``, or the
+unknown-task detector) are calibrated on ``support_per_task`` images of each task: drawn from ``support_data``
+(e.g. the training split) when given, else a seeded random draw from the evaluation data itself, which is then
+left out of *every* row, so no evaluated image is ever used for calibration.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .heads import head_tensors
 from .merging import task_arithmetic, ties_merging, tsv_merge_from_decomposition
 from .model import MASSModel, extract_embedding
 from .router import RouterConfig
+from .support import DEFAULT_IMAGES, MIN_IMAGES
 
 STATIC_METHODS = ("individual", "zero_shot", "task_arithmetic", "ties", "tsv")
 METHODS = STATIC_METHODS + ("mass", "mass_oracle")
@@ -38,7 +44,46 @@ ROUTERS = {
     "paper": RouterConfig,  # top-k over the TSV-M model's features, block 3/4 deep (MASS.md defaults)
     "top1": lambda: RouterConfig(mode="top1"),
     "recommended": RouterConfig.recommended,  # θ0's features, top-1 (docs/router_study.md)
+    "energy": lambda: RouterConfig.recommended(norm="energy"),  # the same, scores calibrated per task, no data
+    "few-example": RouterConfig.few_example,  # a support-set basis from a few unlabelled images per task
 }
+SUPPORT_SEED = 0  # the draw of support images from the evaluation data (when no support_data is given)
+
+
+def needs_support(config: RouterConfig) -> bool:
+    """Whether a router must be calibrated on support images (a support basis or the unknown-task detector)."""
+    return config.basis == "support" or config.unknown != "off"
+
+
+def support_indices(n_samples: int, n: int, seed: int = SUPPORT_SEED) -> list[int]:
+    """The ``n`` samples (sorted indices) of a task's data that serve as its support images: a seeded random draw
+    (data are often sorted by class, so the first ``n`` would be one class). Their labels are never read."""
+    if n < MIN_IMAGES:
+        raise ValueError(f"at least {MIN_IMAGES} support images per task are needed, got {n}")
+    if n > n_samples:
+        raise ValueError(f"cannot draw {n} support images from a task of {n_samples} samples")
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:n].tolist())
+
+
+def take_support(data: Mapping, support_data: Optional[Mapping], tasks: Sequence[str], n: int):
+    """``({task: (n, C, H, W) support images}, {task: dataset evaluated}, where they came from)``: drawn from
+    ``support_data`` when given (``data`` is then evaluated whole), else from ``data``, whose evaluated part
+    then leaves them out."""
+    support, evaluated = {}, dict(data)
+    for task in tasks:
+        source = data[task] if support_data is None else support_data[task]
+        picked = support_indices(len(source), n)
+        if support_data is None:
+            left = sorted(set(range(len(source))) - set(picked))
+            if not left:
+                raise ValueError(f"task {task!r}: {n} support images leave nothing to evaluate of its {len(source)} "
+                                 f"samples: lower support_per_task or give support_data (e.g. the training split)")
+            evaluated[task] = torch.utils.data.Subset(source, left)
+        support[task] = torch.stack([torch.as_tensor(source[i][0]) for i in picked]).float()
+    where = (f"{n} images per task drawn (seed {SUPPORT_SEED}) from " +
+             ("the support data" if support_data is not None else "the evaluation data, then left out of every row"))
+    return support, evaluated, where
 
 
 def resolve_routers(routers) -> dict[str, RouterConfig]:
@@ -78,6 +123,7 @@ class EvalResult:
     samples: dict[str, int]
     routing_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)  # router -> [true task][routed task]
+    unknown_rate: dict[str, dict[str, float]] = field(default_factory=dict)  # router (detector on) -> task -> flagged
     storage_factor: Optional[float] = None
     latency: dict[str, dict[str, float]] = field(default_factory=dict)  # router -> plain_ms, mass_ms, ratio
     config: dict = field(default_factory=dict)
@@ -111,8 +157,8 @@ class EvalResult:
 
     @classmethod
     def from_json(cls, text: str) -> "EvalResult":
-        data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        data = json.loads(text)  # fields added later (unknown_rate) may be absent from older files
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def to_markdown(self) -> str:
         norm = self.normalized()
@@ -132,6 +178,15 @@ class EvalResult:
             for router, acc in self.routing_accuracy.items():
                 cells = [f"{100 * acc[t]:.1f}" for t in self.tasks] + [f"{100 * statistics.fmean(acc.values()):.1f}"]
                 lines.append(f"| {router} | " + " | ".join(cells) + " |")
+        if self.unknown_rate:
+            lines += ["", "## Flagged as no task (%): share of each task's images the unknown-task detector flagged "
+                      "(counted wrong above)", "",
+                      "| router | " + " | ".join(self.tasks) + " | avg |", "|" + "---|" * (len(self.tasks) + 2)]
+            for router, rate in self.unknown_rate.items():
+                cells = [f"{100 * rate[t]:.1f}" for t in self.tasks] + [f"{100 * statistics.fmean(rate.values()):.1f}"]
+                lines.append(f"| {router} | " + " | ".join(cells) + " |")
+        if self.config.get("support"):
+            lines += ["", f"Support images (routers calibrated on unlabelled images): {self.config['support']}."]
         if self.storage_factor is not None:
             lines += ["", f"Storage: {self.storage_factor:.3f}x the pretrained model (θ0 + every task's factors and "
                           f"non-matrix parameters)."]
@@ -237,6 +292,26 @@ def _finetuned_state(task: str, ckpt: Checkpoint, base: Mapping[str, torch.Tenso
     return {k: src.get(key_map[k]) for k in base}
 
 
+def _support_size(configs: Mapping[str, RouterConfig], support_per_task: Optional[int]) -> int:
+    """Support images per task the routers need (0: none needs any), or a clear error."""
+    if support_per_task is not None and (isinstance(support_per_task, bool) or not isinstance(support_per_task, int)):
+        raise TypeError(f"support_per_task must be an int, got {type(support_per_task).__name__}")
+    needing = [name for name, c in configs.items() if needs_support(c)]
+    for name in needing:
+        if configs[name].unknown == "error":
+            raise ValueError(f"router {name!r}: unknown='error' would stop the evaluation at the first flagged "
+                             f"image; use unknown='pretrained' or 'merged' (flagged images count as wrong)")
+    if not needing:
+        if support_per_task is not None:
+            raise ValueError(f"support_per_task={support_per_task} but no router needs support images (routers "
+                             f"{list(configs)}): use e.g. 'few-example', or a router with the unknown-task detector")
+        return 0
+    n = DEFAULT_IMAGES if support_per_task is None else support_per_task
+    if n < MIN_IMAGES:
+        raise ValueError(f"support_per_task must be >= {MIN_IMAGES} for router(s) {needing}, got {n}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- engine
 @torch.no_grad()
 def evaluate(
@@ -257,6 +332,8 @@ def evaluate(
     ta_scaling: float = 0.3,
     ties_density: float = 0.2,
     ties_scaling: float = 1.0,
+    support_per_task: Optional[int] = None,
+    support_data: Optional[Mapping] = None,
 ) -> EvalResult:
     """Evaluate the methods on every task of ``finetuned``.
 
@@ -264,7 +341,8 @@ def evaluate(
     ``finetuned``: ``{task: checkpoint}`` in any form :func:`mass.clip.prepare` accepts. ``data``:
     ``{task: TaskData}`` (:mod:`mass.data`) or any map-style dataset of ``(pixel_values, label)``.
     ``heads``: ``{task: Head | (C, D) tensor}`` (e.g. :func:`mass.heads.zero_shot_heads`). The pretrained
-    module is not modified: every method runs on its own copy.
+    module is not modified: every method runs on its own copy. ``support_per_task`` (default 32 when a router
+    needs it) and ``support_data`` (``{task: dataset}``, e.g. the training split): see the module docstring.
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -274,16 +352,21 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     router_configs = resolve_routers(routers) if "mass" in methods else {}
     tasks = list(finetuned)
-    for what, given in (("data", data), ("heads", heads)):
-        missing = [t for t in tasks if t not in given]
+    for what, given in (("data", data), ("heads", heads), ("support_data", support_data)):
+        missing = [t for t in tasks if given is not None and t not in given]
         if missing:
             raise ValueError(f"{what} has no entry for task(s) {missing}")
+    n_support = _support_size(router_configs, support_per_task)
     head = head_tensors({t: heads[t] for t in tasks})
     for t in tasks:
         classes = getattr(data[t], "classes", None)
         if classes is not None and len(classes) != head[t].shape[0]:
             raise ValueError(f"task {t!r}: the head has {head[t].shape[0]} classes, the data {len(classes)}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    support, where = None, None
+    if n_support:
+        support, data, where = take_support(data, support_data, tasks, n_support)
+        support = {t: x.to(device) for t, x in support.items()}
 
     vision, ckpts = prepare(pretrained, finetuned)
     vision = copy.deepcopy(vision).eval()  # never wrap or move the caller's model
@@ -311,7 +394,12 @@ def evaluate(
         static["tsv"] = copy_with(tsv_merge_from_decomposition(dec))
     routed: dict[str, MASSModel] = {}
     for name, config in router_configs.items():
-        routed[name] = MASSModel(copy.deepcopy(vision), dec, router=config, heads=head).to(device).eval()
+        if needs_support(config):  # built with the paper's router, then calibrated on the support images
+            plain = MASSModel(copy.deepcopy(vision), dec, heads=head,
+                              keep_merged="all" if config.unknown == "merged" else "prefix").to(device).eval()
+            routed[name] = plain.calibrate(support, config)
+        else:
+            routed[name] = MASSModel(copy.deepcopy(vision), dec, router=config, heads=head).to(device).eval()
     oracle = None
     if "mass_oracle" in methods:
         oracle = next(iter(routed.values()), None) or MASSModel(copy.deepcopy(vision), dec, heads=head).to(device)
@@ -322,6 +410,7 @@ def evaluate(
     correct = {row: {t: 0 for t in tasks} for row in rows}
     T = len(tasks)
     confusion = {r: [[0] * T for _ in range(T)] for r in routed}
+    flagged = {r: [0] * T for r in routed if routed[r].router_config.unknown != "off"}
     samples = {t: 0 for t in tasks}
     mixed = []  # a few samples of every task, for the latency measurement
     for ti, task in enumerate(tqdm(tasks, desc="tasks", **bar)):
@@ -343,9 +432,11 @@ def evaluate(
                 args, kwargs = _args(model, x)
                 out = model.classify(*args, logit_scale=logit_scale, **kwargs)
                 correct[f"mass[{name}]"][task] += int(routed_correct(out.task_ids, out.predictions, ti, y).sum())
-                best = out.routing.task_ids[:, 0].tolist()
-                for b in best:
-                    confusion[name][ti][b] += 1
+                for b in out.routing.task_ids[:, 0].tolist():
+                    if b < 0:  # flagged as no task
+                        flagged[name][ti] += 1
+                    else:
+                        confusion[name][ti][b] += 1
             if oracle is not None:
                 args, kwargs = _args(oracle, x)
                 out = oracle.classify(*args, logit_scale=logit_scale, task_ids=[task] * y.shape[0], **kwargs)
@@ -359,11 +450,12 @@ def evaluate(
         samples=samples,
         routing_accuracy={r: {t: confusion[r][i][i] / samples[t] for i, t in enumerate(tasks)} for r in routed},
         confusion=confusion,
+        unknown_rate={r: {t: flagged[r][i] / samples[t] for i, t in enumerate(tasks)} for r in flagged},
         storage_factor=dec.storage_factor() if dec is not None else None,
         config=dict(methods=methods, routers={r: asdict(c) for r, c in router_configs.items()}, rank=rank,
                     batch_size=batch_size, logit_scale=logit_scale, task_arithmetic_scaling=ta_scaling,
                     ties_density=ties_density, ties_scaling=ties_scaling, device=str(device),
-                    torch_threads=torch.get_num_threads()),
+                    torch_threads=torch.get_num_threads(), support=where),
     )
     if latency and routed and mixed:
         batch = torch.cat(mixed)[:batch_size].to(device)

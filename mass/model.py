@@ -31,7 +31,7 @@ from .layers import MASSLinear
 from .passes import (
     BlockGate, FirstPassCapture, PassState, ProjSwitch, StopForward, TokenDeltas, proj_class,
 )
-from .router import RouterConfig, Routing, describe_tensor, select_tasks
+from .router import RouterConfig, Routing, describe_tensor, norm_weights, select_tasks
 from .support import SupportFit, UnknownTaskError, check_support, unknown_scores
 from .support import fit as fit_support
 from .support import residuals as routing_residuals
@@ -85,14 +85,14 @@ def _take(obj, order: torch.Tensor, batch: int, axis: int = 0):
 
 
 def routing_basis(factors: list[LowRankFactors], norm: str) -> torch.Tensor:
-    """(G, T, k, D): per routing block, each task's right-singular basis of the fc1 delta. With norm='sv'
-    rows are scaled by sqrt(s_i / s_1), so ‖Vx‖² becomes Σ (s_i / s_1)(v_i·x)² (still ≤ ‖x‖²)."""
+    """(G, T, k, D): per routing block, each task's right-singular basis of the fc1 delta, rows scaled by
+    √w for ``norm`` (:func:`mass.router.norm_weights`: ‖Vx‖² becomes Σ w_i (v_i·x)², still ≤ ‖x‖²)."""
     bases = []
     for f in factors:
         V = f.V.float()
-        if norm == "sv":
-            rel = f.S.float() / f.S.float()[:, :1].clamp_min(1e-12)
-            V = V * rel.sqrt().unsqueeze(-1)
+        w = norm_weights(f.S, norm)
+        if w is not None:
+            V = V * w.sqrt().unsqueeze(-1)
         bases.append(V)
     return torch.stack(bases)
 
@@ -212,8 +212,8 @@ class MASSModel(nn.Module):
         scales the unknown-task detector needs. This model is not changed."""
         router = check_router(self.router_config if router is None else router)
         support = check_support(support, self.tasks)
-        probe = self.with_router(dataclasses.replace(router, basis="fc1", unknown="off", norm="l2"),
-                                 reuse_prefix=False)
+        # The probe's fc1 basis keeps the router's norm: the unknown-task scales are residuals of that basis.
+        probe = self.with_router(dataclasses.replace(router, basis="fc1", unknown="off"), reuse_prefix=False)
         features = {}
         for task, images in support.items():
             find_images(self, (images,), {})  # device, layout, channels

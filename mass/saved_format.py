@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 
 from .decompose import LowRankFactors, TaskDecomposition
-from .router import RouterConfig
+from .router import NORMS, RouterConfig
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -66,7 +66,10 @@ ROUTER_V1_DEFAULTS = {"layers": None, "features": "merged", "norm": "l2"}
 # Added in format 2 (issue 14): a config without them (and without "support") ran with these values.
 ROUTER_V2_DEFAULTS = {"basis": "fc1", "support_rank": None, "centre": False, "unknown": "off",
                       "unknown_threshold": 1.0}
-SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("string",), "n_images": ("int",)}
+SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("string",), "n_images": ("int",),
+                  "norm": ("string",)}
+# "support.norm" (the fc1 weighting the calibrated scale was measured with) was added after format 2 first
+# shipped: a file without it ran its detector with its scales under the router's own norm, and still does.
 _KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
                "list": "a list", "object": "an object"}
 _TENSOR_KINDS = ("base", "lowrank", "dense", "heads", "support")
@@ -157,12 +160,16 @@ def check_config(config: dict) -> dict:
         raise _field_error("storage_factor", f"must be >= 1, got {config['storage_factor']!r}")
     router_config(config)
     support = config["support"]
+    if isinstance(support, dict):
+        support = config["support"] = {"norm": config["router"]["norm"], **support}
     if support is not None:
         _check_fields(support, SUPPORT_FIELDS, "support.")
         if not support["layers"] or any(json_kind(v) != "int" or v < 0 for v in support["layers"]):
             raise _field_error("support.layers", f"must be a non-empty list of ints >= 0, got {support['layers']!r}")
         if support["n_images"] < 2:
             raise _field_error("support.n_images", f"must be >= 2, got {support['n_images']!r}")
+        if support["norm"] not in NORMS:
+            raise _field_error("support.norm", f"must be one of {NORMS}, got {support['norm']!r}")
     return config
 
 

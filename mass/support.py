@@ -12,6 +12,7 @@ itself; plain residuals for the fc1 basis, which saw no image). ``score > unknow
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -41,7 +42,8 @@ class SupportFit:
     basis: (G, T, k, D) fp32 rows orthonormal per task (None: the router keeps the fc1 basis);
     centre: (G, T, D) fp32 or None; scale: (G, T) fp32, the held-out residual scale of each task's support
     images (the unknown-task detector's unit). ``layers``, ``features``, ``token``: the routing features it was
-    fitted on; ``centre_used``/``rank``: how the basis was built; ``n_images``: images per task."""
+    fitted on; ``n_images``: images per task; ``norm``: the fc1 basis's weighting the scale was measured with
+    (``RouterConfig.norm``; always ``"l2"`` for a support basis)."""
 
     basis: Optional[torch.Tensor]
     centre: Optional[torch.Tensor]
@@ -50,13 +52,14 @@ class SupportFit:
     features: str
     token: str
     n_images: int
+    norm: str = "l2"
 
     def matches(self, router, layers: Sequence[int]) -> bool:
         """Whether this fit serves ``router`` (same features; for a support basis also its rank/centring)."""
         if tuple(layers) != self.layers or router.features != self.features or router.token != self.token:
             return False
         if router.basis == "fc1":
-            return True
+            return self.basis is None and router.norm == self.norm
         return self.basis is not None and (self.centre is not None) == router.centre and (
             router.support_rank is None or router.support_rank == self.basis.shape[2])
 
@@ -71,18 +74,17 @@ class SupportFit:
 
     def meta(self) -> dict:
         return {"layers": list(self.layers), "features": self.features, "token": self.token,
-                "n_images": self.n_images}
+                "n_images": self.n_images, "norm": self.norm}
 
     @staticmethod
     def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> "SupportFit":
         return SupportFit(basis=tensors.get("basis"), centre=tensors.get("centre"), scale=tensors["scale"],
                           layers=tuple(int(l) for l in meta["layers"]), features=str(meta["features"]),
-                          token=str(meta["token"]), n_images=int(meta["n_images"]))
+                          token=str(meta["token"]), n_images=int(meta["n_images"]), norm=str(meta.get("norm", "l2")))
 
     def to(self, device) -> "SupportFit":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SupportFit(move(self.basis), move(self.centre), move(self.scale), self.layers, self.features,
-                          self.token, self.n_images)
+        return dataclasses.replace(self, basis=move(self.basis), centre=move(self.centre), scale=move(self.scale))
 
 
 def check_support(support, tasks: Sequence[str], channels: Optional[int] = None) -> dict:
@@ -170,7 +172,7 @@ def fit(features: Mapping[str, torch.Tensor], tasks: Sequence[str], router, laye
         scales.append(r.max(1).values)
     scale = torch.stack(scales, 1).clamp_min(torch.finfo(torch.float32).tiny)  # (G, T)
     return SupportFit(basis=basis, centre=centre, scale=scale, layers=tuple(layers), features=router.features,
-                      token=router.token, n_images=n)
+                      token=router.token, n_images=n, norm="l2" if support_basis else router.norm)
 
 
 def _held_out(f: torch.Tensor, i: int, rank: int, centre: bool) -> torch.Tensor:

@@ -92,6 +92,8 @@ def test_tasks_look_distinct(tasks):
 
 
 def test_prepare_demo_quick_and_cache(tmp_path):
+    import mass
+    from mass.demo import clip_pretrain
     from mass.demo.training import evaluate, prepare_demo
 
     t0 = time.perf_counter()
@@ -101,40 +103,81 @@ def test_prepare_demo_quick_and_cache(tmp_path):
     assert len(art.tasks) == 8 and set(art.finetuned) == set(art.heads) == set(art.task_names)
     sd0 = art.pretrained.state_dict()
     assert not art.pretrained.training
+    # the heads are the text tower's zero-shot heads, exactly as mass.zero_shot_heads builds them
+    direct = mass.zero_shot_heads(art.clip, art.tokenizer, {t.name: t.class_names for t in art.tasks},
+                                  templates=clip_pretrain.TASK_TEMPLATES)
     for name, sd in art.finetuned.items():
         assert set(sd) == set(sd0)
-        assert any(not torch.equal(sd[k], sd0[k]) for k in sd0)  # actually fine-tuned
-        t = next(t for t in art.tasks if t.name == name)
-        h = art.heads[name]
-        assert h.shape == (t.num_classes, art.config.hidden_size)
-        assert torch.allclose(h.norm(dim=-1), torch.ones(t.num_classes), atol=1e-4)
+        assert any(not torch.equal(sd[k], sd0[k]) for k in sd0 if k.startswith("vision_model."))  # fine-tuned
+        assert torch.equal(sd["visual_projection.weight"], sd0["visual_projection.weight"])  # projection frozen
+        assert torch.equal(art.heads[name], direct[name].weight)
         assert 0.0 <= art.metrics[name]["finetuned_acc"] <= 1.0
-    assert (tmp_path / "pretrained.safetensors").exists() and (tmp_path / "heads.safetensors").exists()
+    assert (tmp_path / "heads.safetensors").exists()
     assert not list(tmp_path.glob("*.tmp"))
 
-    # evaluate() accepts a model or a forward function (pooled embeddings)
+    # evaluate() accepts a model or a forward function (image embeddings)
     t = art.tasks[0]
     a1 = evaluate(art.pretrained, t, art.heads[t.name])
-    a2 = evaluate(lambda x: art.pretrained(pixel_values=x).pooler_output, t, art.heads[t.name], batch_size=7)
+    a2 = evaluate(lambda x: art.pretrained(pixel_values=x).image_embeds, t, art.heads[t.name], batch_size=7)
     assert a1 == pytest.approx(a2)
 
     # second call: everything from the cache, nothing retrained, identical weights
     import mass.demo.training as tr
 
     calls = []
-    orig_ft, orig_pt = tr.finetune, tr.pretrain
+    orig_ft = tr.finetune
     tr.finetune = lambda *a, **k: calls.append("ft") or orig_ft(*a, **k)
-    tr.pretrain = lambda *a, **k: calls.append("pt") or orig_pt(*a, **k)
     try:
         art2 = prepare_demo(cache_dir=tmp_path, quick=True, n_tasks=8, progress=False, verbose=False)
     finally:
-        tr.finetune, tr.pretrain = orig_ft, orig_pt
+        tr.finetune = orig_ft
     t2 = time.perf_counter()
     assert calls == [] and art2.loaded_from_cache
-    for k, v in art2.pretrained.state_dict().items():
-        assert torch.equal(v, sd0[k])
     for name in art.finetuned:
         for k in sd0:
             assert torch.equal(art2.finetuned[name][k], art.finetuned[name][k])
         assert torch.equal(art2.heads[name], art.heads[name])
     assert t2 - t1 < t1 - t0
+
+
+def test_committed_pretrained_clip_matches_its_provenance(tmp_path):
+    """The committed weights are the ones PROVENANCE.json describes, and a changed byte is refused."""
+    import json
+    import shutil
+
+    from mass.demo import clip_pretrain
+
+    prov = json.loads((clip_pretrain.ASSET_DIR / "PROVENANCE.json").read_text())
+    assert clip_pretrain.weights_sha256() == prov["sha256"]["model.safetensors"]
+    assert prov["command"].startswith("python -m mass.demo.clip_pretrain")
+    assert (clip_pretrain.ASSET_DIR / "model.safetensors").stat().st_size <= 20 * 2 ** 20
+    copy = tmp_path / "asset"
+    shutil.copytree(clip_pretrain.ASSET_DIR, copy)
+    blob = bytearray((copy / "model.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        clip_pretrain.load_asset(copy)
+
+
+def test_captions_and_tokenizer_cover_every_prompt():
+    """Every caption and zero-shot prompt tokenizes without an unknown word; captions name the class at
+    the documented rate (a binomial check with a 6-sigma margin)."""
+    import numpy as np
+
+    from mass.demo import clip_pretrain as cp
+
+    tok = cp.build_tokenizer(cp.vocabulary())
+    unk = tok.unk_token_id
+    rng = np.random.default_rng(0)
+    names = cp.class_names()
+    texts = [cp.caption(rng, f, int(rng.integers(len(names.get(f, ("x",)))))) if f in names else cp.caption(rng, f, -1)
+             for f in cp.FAMILY_PHRASES for _ in range(50)]
+    texts += [tpl.format(c) for task, tpls in cp.TASK_TEMPLATES.items() for tpl in tpls for c in names[task]]
+    ids = tok(texts)["input_ids"]
+    assert all(unk not in row for row in ids)
+    n = 4000
+    captions = [cp.caption(rng, "scenes", 0).lower() for _ in range(n)]
+    named = sum(any(c in text for c in names["scenes"]) for text in captions)
+    p = cp.CLASS_RATE["scenes"]
+    assert abs(named / n - p) < 6 * (p * (1 - p) / n) ** 0.5

@@ -1,13 +1,14 @@
 """The router study of issue 14 on the offline benchmark: the few-example (support-set) router against the
 paper's data-free router and ``RouterConfig.recommended()``, and the unknown-task detector.
 
-    python -m mass.demo.support_study --out DIR [--seeds 1] [--cache-dir DIR]
+    python -m mass.demo.support_study --out DIR [--seeds 1] [--cache-dir DIR] [--data-free]
 
 Support images are drawn from each task's *training* split (nested: the first N of one random permutation per
 seed), never from the test split every number is measured on. Configurations are chosen on a validation set
 (the next 250 training images of each task, disjoint from the support pool); the test images are only scored.
 The unknown-task detector's threshold sweep is reported as a curve; its default (1.0) was fixed beforehand.
-Writes ``support_study.json``, ``support_study.md`` and PNG plots to DIR.
+Writes ``support_study.json``, ``support_study.md`` and PNG plots to DIR. ``--data-free`` instead measures the
+calibrated data-free scores (``RouterConfig.norm``: no image builds the router) and writes ``data_free.json``/``.md``.
 """
 from __future__ import annotations
 
@@ -25,13 +26,30 @@ import torch
 import mass
 from mass._benchutil import git_commit
 
-from .run import _evaluate_mass
+from mass.evaluation import routed_correct
+
 from .training import DemoConfig, prepare_demo
 
 SIZES = (4, 8, 16, 32, 64)
 RANKS = (1, 2, 4, 8, 16, 32)
 THRESHOLDS = (0.8, 1.0, 1.2, 1.5, 2.0, 3.0)
 EVAL_BATCH = 500
+
+
+@torch.no_grad()
+def _evaluate_mass(model: mass.MASSModel, art) -> dict:
+    """Per task: accuracy (a sample counts only through its own task's head) and routing accuracy (its own
+    task is among the selected ones)."""
+    acc, routed = {}, {}
+    for t_idx, task in enumerate(art.tasks):
+        correct = hit = 0
+        for i in range(0, len(task.test_labels), EVAL_BATCH):
+            x, y = task.test_images[i:i + EVAL_BATCH], task.test_labels[i:i + EVAL_BATCH]
+            res = model.classify(pixel_values=x, logit_scale=art.config.logit_scale)
+            correct += int(routed_correct(res.task_ids, res.predictions, t_idx, y).sum())
+            hit += int((res.routing.task_ids == t_idx).any(1).sum())
+        acc[task.name], routed[task.name] = correct / len(task.test_labels), hit / len(task.test_labels)
+    return {"acc": acc, "routing": routed}
 
 
 @torch.no_grad()
@@ -70,31 +88,69 @@ def _split(art, seed: int, n_val: int = 250):
     return pools, val
 
 
-def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=print, quick: bool = False) -> dict:
+@dataclasses.dataclass
+class _Bench:
+    """One seed's benchmark as every study here reads it: artifacts, the paper's MASS model, the support pool and
+    validation split, and the routing features (block L, CLS) of the test and validation images per source."""
+
+    cfg: DemoConfig
+    art: object
+    base: mass.MASSModel
+    pools: dict
+    val: dict
+    labels: dict
+    feats: dict
+
+    @property
+    def names(self) -> list:
+        return self.art.task_names
+
+    def individual(self) -> dict:
+        return {t: self.art.metrics[t]["finetuned_acc"] for t in self.names}
+
+
+def _bench(seed: int, cache_root: Optional[str], quick: bool) -> _Bench:
     cfg = DemoConfig.make(quick=quick, n_tasks=8, seed=seed)
-    cache_dir = None if cache_root is None else Path(cache_root) / cfg.hash()
-    art = prepare_demo(cache_dir=cache_dir, config=cfg, progress=False, verbose=False)
-    names, L, T = art.task_names, cfg.router_block, len(art.tasks)
+    art = prepare_demo(cache_root=cache_root, config=cfg, progress=False, verbose=False)
+    names, L = art.task_names, cfg.router_block
     dec = mass.decompose(art.pretrained, art.finetuned, progress=False)
     base = mass.MASSModel(copy.deepcopy(art.pretrained), dec, router=mass.RouterConfig(layer=L), heads=art.heads)
-    individual = {t: art.metrics[t]["finetuned_acc"] for t in names}
     pools, val = _split(art, seed)
-    test_labels = torch.cat([torch.full((t.test_images.shape[0],), i) for i, t in enumerate(art.tasks)])
-    val_labels = torch.cat([torch.full((val[t].shape[0],), i) for i, t in enumerate(names)])
+    labels = {"test": torch.cat([torch.full((t.test_images.shape[0],), i) for i, t in enumerate(art.tasks)]),
+              "val": torch.cat([torch.full((val[t].shape[0],), i) for i, t in enumerate(names)])}
     feats = {f: {"test": _features(base, [t.test_images for t in art.tasks], f, L),
                  "val": _features(base, [val[t] for t in names], f, L)} for f in ("pretrained", "merged")}
-    result = {"seed": seed, "tasks": names, "layer": L, "sweep": [], "eval": {}, "confusion": {}}
+    return _Bench(cfg, art, base, pools, val, labels, feats)
+
+
+def _evaluator(b: _Bench, seed: int, result: dict, full_eval: bool, log):
+    """evaluate(label, model, router): top-1 routing accuracy and confusion on the test features; with
+    ``full_eval`` also both passes (selected-set routing accuracy, normalised accuracy). Stored in ``result``."""
+    T, individual = len(b.names), b.individual()
 
     def evaluate(label: str, model: mass.MASSModel, router: dict):
-        conf = _confusion(_routing(model, feats[model.router_config.features]["test"]), test_labels, T)
-        entry = {"router": router, "routing_top1": _top1(conf)}
+        feats = b.feats[model.router_config.features]
+        conf = _confusion(_routing(model, feats["test"]), b.labels["test"], T)
+        entry = {"router": router, "routing_top1": _top1(conf),
+                 "val_top1": _top1(_confusion(_routing(model, feats["val"]), b.labels["val"], T))}
         if full_eval:
-            row = _evaluate_mass(model, art)
-            entry["routing"] = sum(row["routing"].values()) / len(names)
-            entry["normalized"] = sum(row["acc"][t] / individual[t] for t in names) / len(names)
+            row = _evaluate_mass(model, b.art)
+            entry["routing"] = sum(row["routing"].values()) / T
+            entry["normalized"] = sum(row["acc"][t] / individual[t] for t in b.names) / T
         result["eval"][label] = entry
         result["confusion"][label] = conf.tolist()
         log(f"[seed {seed}] {label}: {entry}")
+
+    return evaluate
+
+
+def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=print, quick: bool = False) -> dict:
+    b = _bench(seed, cache_root, quick)
+    cfg, art, base, pools, feats = b.cfg, b.art, b.base, b.pools, b.feats
+    names, L, T = b.names, cfg.router_block, len(b.names)
+    test_labels, val_labels = b.labels["test"], b.labels["val"]
+    result = {"seed": seed, "tasks": names, "layer": L, "sweep": [], "eval": {}, "confusion": {}}
+    evaluate = _evaluator(b, seed, result, full_eval, log)
 
     evaluate("paper (fc1, merged, topk)", base, {"layer": L})
     evaluate("recommended (fc1, pretrained, top1)", base.with_router(mass.RouterConfig.recommended(layer=L)),
@@ -105,7 +161,7 @@ def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=p
             for n in SIZES:
                 support = {t: pools[t][:n] for t in names}
                 for rank in RANKS:
-                    if rank > mass.support.max_rank(n - 1, cfg.hidden_size, centre):
+                    if rank > mass.support.max_rank(n - 1, art.pretrained.config.hidden_size, centre):
                         continue
                     router = mass.RouterConfig(layer=L, basis="support", support_rank=rank, centre=centre,
                                                features=features, mode="top1")
@@ -125,11 +181,61 @@ def run_seed(seed: int, cache_root: Optional[str], full_eval: bool = True, log=p
                                features=best["features"], mode="top1")
     for n in (8, 32):  # at N=8 the rank is capped at what 7 held-out images span
         router = dataclasses.replace(chosen, support_rank=min(best["rank"], mass.support.max_rank(
-            n - 1, cfg.hidden_size, best["centre"])))
+            n - 1, art.pretrained.config.hidden_size, best["centre"])))
         evaluate(f"support N={n} (chosen on validation)", base.calibrate({t: pools[t][:n] for t in names}, router),
                  {**result["chosen"], "rank": router.support_rank, "n": n})
     result["unknown"] = _unknown_study(art, seed, L, pools, chosen, log)
     return result
+
+
+DATA_FREE_NORMS = ("l2", "sv", "energy")
+
+
+def run_data_free(seed: int, cache_root: Optional[str], full_eval: bool = True, log=print,
+                  quick: bool = False) -> dict:
+    """Calibrated data-free scores (no image is used to build any router here): the fc1 basis with every
+    ``RouterConfig.norm``, on both feature sources, top-1 and the paper's top-k, scored by top-1 routing accuracy
+    on the validation and test splits. Both passes (normalised accuracy) run for the paper's router,
+    ``recommended()`` and, per feature source, the top-1 norm with the best *validation* routing accuracy."""
+    b = _bench(seed, cache_root, quick)
+    L = b.cfg.router_block
+    result = {"seed": seed, "tasks": b.names, "layer": L, "eval": {}, "confusion": {}}
+    routing_only = _evaluator(b, seed, result, False, log)
+    evaluate = _evaluator(b, seed, result, full_eval, log)
+    named = {mass.RouterConfig(layer=L): " = paper", mass.RouterConfig.recommended(layer=L): " = recommended()"}
+    models = {}
+    for features in ("merged", "pretrained"):
+        for mode in ("topk", "top1"):
+            for norm in DATA_FREE_NORMS:
+                router = mass.RouterConfig(layer=L, features=features, mode=mode, norm=norm)
+                label = f"fc1, {features}, {mode}, norm={norm}{named.get(router, '')}"
+                models[label] = (router, b.base.with_router(router))
+                routing_only(label, models[label][1], {"features": features, "mode": mode, "norm": norm})
+    chosen = set(named)
+    for features in ("merged", "pretrained"):
+        top1 = [lbl for lbl, (r, _) in models.items() if r.features == features and r.mode == "top1"]
+        chosen.add(models[max(top1, key=lambda lbl: result["eval"][lbl]["val_top1"])][0])
+    result["chosen"] = [lbl for lbl, (r, _) in models.items() if r in chosen]
+    if full_eval:
+        for label in result["chosen"]:
+            router, model = models[label]
+            evaluate(label, model, {"features": router.features, "mode": router.mode, "norm": router.norm})
+    return result
+
+
+def render_data_free(report: dict) -> str:
+    runs = report["runs"]
+    lines = [f"Data-free routers (fc1 basis, block {runs[0]['layer']}, CLS), offline benchmark, 8 tasks, "
+             f"{len(runs)} seed(s); commit `{report['commit']}`, {report['date']}. Validation: training images "
+             f"disjoint from every test image (only for choosing).", "",
+             "| router | routing top-1, validation | routing top-1, test | routing (selected set) | normalised acc |",
+             "|---|---|---|---|---|"]
+    for label in runs[0]["eval"]:
+        vals = [r["eval"][label] for r in runs]
+        cells = [_pct(*_mean([v[k] for v in vals])) if k in vals[0] else "–"
+                 for k in ("val_top1", "routing_top1", "routing", "normalized")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_study(art, seed: int, L: int, pools: dict, chosen: mass.RouterConfig, log) -> list:
@@ -267,21 +373,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--routing-only", action="store_true", help="skip the two-pass accuracy evaluation")
     parser.add_argument("--quick", action="store_true", help="the small smoke-test benchmark (numbers meaningless)")
+    parser.add_argument("--data-free", action="store_true",
+                        help="only the calibrated data-free routers (RouterConfig.norm), to data_free.{json,md}")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     start = time.perf_counter()
+    if args.data_free:
+        return _write(args.out, "data_free", [run_data_free(s, args.cache_dir, full_eval=not args.routing_only,
+                                                           quick=args.quick) for s in range(args.seeds)],
+                      start, render_data_free)
     runs = [run_seed(s, args.cache_dir, full_eval=not args.routing_only, quick=args.quick) for s in range(args.seeds)]
+    return _write(args.out, "support_study", runs, start, render_markdown, render_plots)
+
+
+def _write(out, stem: str, runs: list, start: float, render, plots=None) -> dict:
+    """The report of ``runs`` as ``stem``.json and ``stem``.md (and ``plots``' PNGs) in ``out``; printed too."""
     report = {"commit": git_commit() or "unknown", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "runs": runs, "seconds": time.perf_counter() - start}
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "support_study.json").write_text(json.dumps(report, indent=2))
-    markdown = render_markdown(report)
-    (out / "support_study.md").write_text(markdown)
-    pngs = render_plots(report, out)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    (out / f"{stem}.md").write_text(markdown)
+    written = [str(out / f"{stem}.json"), str(out / f"{stem}.md")] + (plots(report, out) if plots else [])
     print(markdown)
-    print(f"written: {out}/support_study.json, support_study.md, {', '.join(pngs)} ({report['seconds']:.0f} s)")
+    print(f"written: {', '.join(written)} ({report['seconds']:.0f} s)")
     return report
 
 

@@ -242,47 +242,58 @@ def _digits_pool(split: int) -> np.ndarray:
     return np.sort(perm[:n_test]) if split == SPLIT_TEST else np.sort(perm[n_test:])
 
 
+def _curated(split: int) -> bool:
+    """Task splits (train/test) of the glyph tasks are *curated*: milder nuisances than the web-like
+    pretraining pool, as MNIST or SVHN crops are centred and scaled while web images of digits are not. The
+    pretraining split keeps the original, messier draw (same random calls, so the pool is unchanged)."""
+    return split != SPLIT_PRETRAIN
+
+
 def gen_digits(rng, labels, split):
     X, y = _digits_source()
     pool = _digits_pool(split)
     by_class = {c: pool[y[pool] == c] for c in range(10)}
+    curated = _curated(split)
+    size, angle, shift, noise = ((44, 54), 8, 3, (2, 8)) if curated else ((30, 52), 20, 10, (4, 18))
     out = np.empty((len(labels), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i, c in enumerate(labels):
         src = X[rng.choice(by_class[int(c)])]
-        s = int(rng.integers(30, 52))
+        s = int(rng.integers(*size))
         tile = Image.fromarray((src * 255).astype(np.uint8), "L").resize((s, s), Image.BICUBIC)
-        tile = tile.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR, expand=True)
+        tile = tile.rotate(float(rng.uniform(-angle, angle)), resample=Image.BILINEAR, expand=True)
         bg = float(rng.uniform(0, 40))
         canvas = Image.new("L", (_CANVAS, _CANVAS), int(bg))
         ink = float(rng.uniform(0.6, 1.0))
         tile = tile.point(lambda v, ink=ink: v * ink)
-        cx, cy = rng.uniform(_CANVAS / 2 - 10, _CANVAS / 2 + 10, 2)
+        cx, cy = rng.uniform(_CANVAS / 2 - shift, _CANVAS / 2 + shift, 2)
         canvas.paste(tile, (int(cx - tile.width / 2), int(cy - tile.height / 2)), tile)
-        out[i] = _finish(canvas.convert("RGB"), rng, noise=float(rng.uniform(4, 18)))
+        out[i] = _finish(canvas.convert("RGB"), rng, noise=float(rng.uniform(*noise)))
     return out
 
 
 def gen_house_numbers(rng, labels, split):
     out = np.empty((len(labels), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     bgs = _smooth_noise(rng, len(labels), 3, _CANVAS, 3)
+    curated = _curated(split)
+    size_range, shift, angle, blur = ((46, 56), 2, 4, 0.6) if curated else ((34, 50), 5, 10, 1.5)
     for i, c in enumerate(labels):
         base = np.asarray(_rand_color(rng, 30, 230), np.float32)
         canvas = _arr_to_canvas(base + 45 * bgs[i])
         mean_bg = base.mean()
         fg = _rand_color(rng, 0, 110) if mean_bg > 128 else _rand_color(rng, 150, 256)
-        size = int(rng.integers(34, 50))
+        size = int(rng.integers(*size_range))
         fi = int(rng.integers(0, _n_fonts()))
-        cx = _CANVAS / 2 + rng.uniform(-5, 5)
-        cy = _CANVAS / 2 + rng.uniform(-5, 5)
+        cx = _CANVAS / 2 + rng.uniform(-shift, shift)
+        cy = _CANVAS / 2 + rng.uniform(-shift, shift)
         gap = size * rng.uniform(0.55, 0.75)
         for dx in (-1, 1):  # clipped neighbouring digits (distractors), as in SVHN crops
             if rng.random() < 0.7:
                 t = _draw_glyph(str(int(rng.integers(0, 10))), rng, size, fg, angle=0, font_idx=fi)
                 _paste_center(canvas, t, cx + dx * gap * 1.6, cy)
         tile = _draw_glyph(str(int(c)), rng, size, fg, stroke=int(rng.integers(0, 2)),
-                           angle=float(rng.uniform(-10, 10)), font_idx=fi)
+                           angle=float(rng.uniform(-angle, angle)), font_idx=fi)
         _paste_center(canvas, tile, cx, cy)
-        out[i] = _finish(canvas, rng, noise=float(rng.uniform(3, 12)), blur=float(rng.uniform(0, 1.5)))
+        out[i] = _finish(canvas, rng, noise=float(rng.uniform(3, 12)), blur=float(rng.uniform(0, blur)))
     return out
 
 
@@ -372,6 +383,7 @@ _TEXTURES = ["banded", "checkered", "dotted", "grid", "zigzagged", "blotchy", "m
 
 
 def gen_textures(rng, labels, split):
+    curated = _curated(split)
     n = len(labels)
     s = IMAGE_SIZE
     yy, xx = np.meshgrid(np.arange(s) / s, np.arange(s) / s, indexing="ij")
@@ -382,7 +394,7 @@ def gen_textures(rng, labels, split):
         th = rng.uniform(0, math.pi)
         u = xx * math.cos(th) + yy * math.sin(th)
         v = -xx * math.sin(th) + yy * math.cos(th)
-        f = rng.uniform(2.5, 5.0)
+        f = rng.uniform(3.0, 4.0) if curated else rng.uniform(2.5, 5.0)
         ph = rng.uniform(0, 1)
         name = _TEXTURES[int(c)]
         if name == "banded":
@@ -418,7 +430,7 @@ def gen_textures(rng, labels, split):
         if np.abs(c1 - c2).sum() < 150:
             c2 = 255 - c1
         img = c1 * (1 - p[..., None]) + c2 * p[..., None]
-        img = img * (1 + 0.15 * noise_hi[i][..., None]) + rng.normal(0, rng.uniform(3, 15), img.shape)
+        img = img * (1 + 0.15 * noise_hi[i][..., None]) + rng.normal(0, rng.uniform(*((2, 6) if curated else (3, 15))), img.shape)
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -627,6 +639,7 @@ def _draw_shape(d, name, cx, cy, r, rot, color, bg):
 
 
 def gen_shapes(rng, labels, split):
+    curated = _curated(split)
     out = np.empty((len(labels), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i, c in enumerate(labels):
         bg = _rand_color(rng)
@@ -635,10 +648,14 @@ def gen_shapes(rng, labels, split):
             col = _rand_color(rng)
         canvas = Image.new("RGB", (_CANVAS, _CANVAS), bg)
         d = ImageDraw.Draw(canvas)
-        r = rng.uniform(12, 24)
-        cx, cy = rng.uniform(r + 2, _CANVAS - r - 2, 2)
-        _draw_shape(d, _SHAPES[int(c)], cx, cy, r, rng.uniform(0, 2 * math.pi), col, bg)
-        out[i] = _finish(canvas, rng, noise=float(rng.uniform(4, 20)))
+        r = rng.uniform(22, 28) if curated else rng.uniform(12, 24)
+        lo, hi = (_CANVAS / 2 - 3, _CANVAS / 2 + 3) if curated else (r + 2, _CANVAS - r - 2)
+        cx, cy = rng.uniform(lo, hi, 2)
+        rot = rng.uniform(0, 2 * math.pi)
+        if curated:  # upright, within +-15 degrees
+            rot = -math.pi / 2 + (rot / math.pi - 1) * math.radians(15)
+        _draw_shape(d, _SHAPES[int(c)], cx, cy, r, rot, col, bg)
+        out[i] = _finish(canvas, rng, noise=float(rng.uniform(*((2, 8) if curated else (4, 20)))))
     return out
 
 
