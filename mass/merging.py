@@ -31,7 +31,8 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     if max(m, n) >= 2 * min(m, n):
         tall = A if m > n else A.mT
         eigenvalues, W = torch.linalg.eigh(tall.mT @ tall)
-        if bool((eigenvalues[..., :1] * GRAM_MAX_COND ** 2 >= eigenvalues[..., -1:]).all()):
+        smallest, largest = eigenvalues[..., :1], eigenvalues[..., -1:]
+        if bool(((smallest > 0) & (smallest * GRAM_MAX_COND ** 2 >= largest)).all()):
             P = tall @ ((W * eigenvalues.rsqrt().unsqueeze(-2)) @ W.mT)
             return P if m > n else P.mT
     P, _, Qh = torch.linalg.svd(A, full_matrices=False)
