@@ -188,3 +188,193 @@ def merge_markdown(rows: Sequence[dict]) -> list[str]:
               "kept block are nearly interchangeable, so the subspace distance can be large while the "
               "reconstruction stays near-optimal."]
     return lines
+
+
+# ---------------------------------------------------------------- accuracy of the randomised solver
+def power_law_deltas(shape: tuple, n_tasks: int, exponent: float, seed: int = 0) -> torch.Tensor:
+    """T deltas (T, out, in) with σ_i = i^-exponent and random orthonormal singular vectors (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    r = min(shape)
+    left = torch.linalg.qr(torch.randn(n_tasks, m, r, generator=gen)).Q
+    right = torch.linalg.qr(torch.randn(n_tasks, n, r, generator=gen)).Q
+    sigma = torch.arange(1, r + 1, dtype=torch.float32) ** -exponent
+    return (left * sigma) @ right.mT
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def solver_effect(deltas: torch.Tensor, k: int, solver: str = "randomized", n_inputs: int = 256,
+                  seed: int = 0) -> dict:
+    """How the truncated solver's factors of one matrix's T deltas differ from the full SVD's (fp32 both):
+    per task, the rank-k reconstruction error relative to the optimum (1 = optimal) and the sine of the largest
+    principal angle between the kept left / right subspaces; the TSV-M delta's relative change; and on Gaussian
+    inputs x the relative change of x·Δᵀ for each task's block and for the TSV-M delta."""
+    from .decompose import LowRankFactors
+    from .merging import tsv_delta
+    from .svd_solvers import subspace_distance, topk_svd
+
+    A = deltas.float()
+    Uf, Sall, Vhf = torch.linalg.svd(A, full_matrices=False)
+    full = LowRankFactors(Uf[..., :k].contiguous(), Sall[..., :k].contiguous(), Vhf[..., :k, :].contiguous())
+    rand = LowRankFactors(*topk_svd(A, k, solver))
+    x = torch.randn(n_inputs, A.shape[-1], generator=torch.Generator().manual_seed(seed))
+    ratios, sub_u, sub_v, block_out = [], [], [], []
+    for t in range(A.shape[0]):
+        optimal = float(Sall[t, k:].norm())
+        ratios.append(float((A[t] - rand.delta(t)).norm()) / optimal if optimal > 0 else 1.0)
+        sub_u.append(subspace_distance(rand.U[t], full.U[t]))
+        sub_v.append(subspace_distance(rand.V[t].mT, full.V[t].mT))
+        block_out.append(_rel(x @ rand.delta(t).mT, x @ full.delta(t).mT))
+    tsv_r, tsv_f = tsv_delta(rand), tsv_delta(full)
+    tail = Sall[:, k] / Sall[:, k - 1].clamp_min(1e-30)
+    return {"shape": list(A.shape[1:]), "n_tasks": A.shape[0], "k": k, "solver": solver,
+            "sigma_k_over_sigma_1_median": float((Sall[:, k - 1] / Sall[:, 0]).median()),
+            "gap_sigma_k1_over_sigma_k_median": float(tail.median()),
+            "recon_ratio_median": float(torch.tensor(ratios).median()), "recon_ratio_max": max(ratios),
+            "subspace_max": max(max(sub_u), max(sub_v)),
+            "subspace_median": float(torch.tensor(sub_u + sub_v).median()),
+            "block_output_change_max": max(block_out),
+            "tsv_delta_change": _rel(tsv_r, tsv_f), "tsv_output_change": _rel(x @ tsv_r.mT, x @ tsv_f.mT)}
+
+
+def _demo_cache(cache_root: Optional[str] = None) -> Optional[str]:
+    root = os.path.expanduser(cache_root or "~/.cache/mass-demo")
+    if not os.path.isdir(root):
+        return None
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if os.path.exists(os.path.join(folder, "meta.json")) and os.path.exists(
+                os.path.join(folder, "pretrained.safetensors")):
+            return folder
+    return None
+
+
+@torch.no_grad()
+def demo_solver_effect(folder: str, n_images: int = 64, seed: int = 0) -> dict:
+    """The demo's fine-tuned checkpoints (128-d CLIP encoder, T = 8, k = 16: ``auto`` picks the full SVD there)
+    merged with the full and the randomised solver: the per-matrix statistics of :func:`solver_effect` over
+    every matrix, and the whole MASS model's outputs on random images (top-1 routing agreement, relative change
+    of the routed embeddings and of the TSV-M first-pass model's)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .demo.training import DemoConfig, build_model
+    from .model import extract_embedding, merge
+
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    fields = {f for f in DemoConfig.__dataclass_fields__}
+    cfg = DemoConfig(**{k: v for k, v in meta.get("config", {}).items() if k in fields})
+    tasks = {f[len("finetuned_"):-len(".safetensors")]: os.path.join(folder, f)
+             for f in sorted(os.listdir(folder)) if f.startswith("finetuned_")}
+
+    def pretrained():
+        model = build_model(cfg)
+        model.load_state_dict(load_file(os.path.join(folder, "pretrained.safetensors")))
+        return model.eval()
+
+    base = pretrained().state_dict()
+    per_matrix = []
+    loaded = {name: load_file(path) for name, path in tasks.items()}
+    for key, value in base.items():
+        if value.dim() != 2 or not value.is_floating_point() or key not in next(iter(loaded.values())):
+            continue
+        deltas = torch.stack([sd[key].float() - value.float() for sd in loaded.values()])
+        k = max(1, min(value.shape) // len(tasks))
+        row = solver_effect(deltas, k, "randomized", seed=seed)
+        row["matrix"] = key
+        per_matrix.append(row)
+    images = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+    models = {s: merge(pretrained(), tasks, solver=s, progress=False, keep_merged="all")
+              for s in ("full", "randomized")}
+    routed = {s: m(pixel_values=images, return_routing=True) for s, m in models.items()}
+    ids = {s: r.task_ids for s, (_, r) in routed.items()}
+    forced = {s: extract_embedding(m(pixel_values=images, task_ids=ids["full"])) for s, m in models.items()}
+    first = {s: extract_embedding(m.forward_merged(pixel_values=images)) for s, m in models.items()}
+    same_route = float((ids["full"] == ids["randomized"]).all(1).float().mean())
+    model_row = {"n_images": n_images, "route_agreement": same_route,  # same top-k sets
+                 "routed_embedding_change": _rel(extract_embedding(routed["randomized"][0]),
+                                                 extract_embedding(routed["full"][0])),
+                 "same_tasks_embedding_change": _rel(forced["randomized"], forced["full"]),
+                 "first_pass_embedding_change": _rel(first["randomized"], first["full"])}
+    return {"folder": folder, "n_tasks": len(tasks), "per_matrix": per_matrix, "model": model_row}
+
+
+SYNTHETIC_CASES = (((768, 768), 0.5), ((768, 768), 1.0), ((768, 768), 2.0), ((3072, 768), 1.0))
+
+
+def accuracy_study(n_tasks: int = 8, cases=SYNTHETIC_CASES, demo: bool = True, seed: int = 0) -> dict:
+    """:func:`solver_effect` of ``auto`` (randomised at these sizes) on power-law spectra, and of the forced
+    randomised solver on the demo's checkpoints when they are cached (:func:`demo_solver_effect`)."""
+    from .svd_solvers import choose_solver
+
+    rows = []
+    for shape, exponent in cases:
+        k = min(shape) // n_tasks
+        row = solver_effect(power_law_deltas(shape, n_tasks, exponent, seed), k, "auto", seed=seed)
+        row.update(exponent=exponent, solver=choose_solver("auto", shape, k))
+        rows.append(row)
+        print(f"  σ_i = i^-{exponent} {shape}: recon ratio max {row['recon_ratio_max']:.4f}, TSV-M delta change "
+              f"{row['tsv_delta_change']:.3f}", flush=True)
+    folder = _demo_cache() if demo else None
+    return {"synthetic": rows, "demo": demo_solver_effect(folder, seed=seed) if folder else None}
+
+
+def accuracy_markdown(study: dict) -> list[str]:
+    head = ("| spectrum | shape | k | σ_k/σ_1 | σ_k+1/σ_k | recon ratio median / max | subspace sine median / "
+            "max | task block output change max | TSV-M delta change | TSV-M output change |")
+    lines = ["## The randomised solver against the full SVD", "", head, "|" + "---|" * 10]
+
+    def line(name, r):
+        return (f"| {name} | {r['shape'][0]}×{r['shape'][1]} | {r['k']} | "
+                f"{r['sigma_k_over_sigma_1_median']:.3f} | {r['gap_sigma_k1_over_sigma_k_median']:.3f} | "
+                f"{r['recon_ratio_median']:.4f} / {r['recon_ratio_max']:.4f} | {r['subspace_median']:.3f} / "
+                f"{r['subspace_max']:.3f} | {r['block_output_change_max']:.2e} | {r['tsv_delta_change']:.2e} | "
+                f"{r['tsv_output_change']:.2e} |")
+
+    lines += [line(f"σ_i = i^-{r['exponent']} ({r['solver']})", r) for r in study["synthetic"]]
+    demo = study.get("demo")
+    if demo:
+        lines += [line(f"demo {r['matrix']} (randomized)", r) for r in demo["per_matrix"]]
+        m = demo["model"]
+        lines += ["", f"Demo MASS model (T = {demo['n_tasks']}), full vs randomised solver, {m['n_images']} random "
+                  f"images: same top-k routing for {100 * m['route_agreement']:.1f}% of them; embedding change "
+                  f"(relative, Frobenius) routed {m['routed_embedding_change']:.2e}, same tasks forced "
+                  f"{m['same_tasks_embedding_change']:.2e}, first-pass (TSV-M) model {m['first_pass_embedding_change']:.2e}."]
+    lines += ["", "σ's are medians over the T = 8 tasks. Recon ratio: ‖Δ − U S V‖_F / ‖Δ − Δ_k‖_F (1 = optimal). "
+              "Subspace sine: ‖UUᵀ − U_kU_kᵀ‖₂ against the full SVD's top-k (left and right). Output changes: "
+              "‖x(Δ̂ − Δ)ᵀ‖_F / ‖xΔᵀ‖_F on 256 Gaussian inputs, for each task's rank-k block and for the TSV-M delta."]
+    return lines
+
+
+def main(argv=None) -> dict:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Accuracy of the randomised SVD solver against the full SVD")
+    p.add_argument("--accuracy", action="store_true", help="run the accuracy study (the only mode)")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo's cached checkpoints")
+    p.add_argument("--out", default=None, help="write JSON and Markdown to OUT.json / OUT.md")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if not args.accuracy:
+        p.error("pass --accuracy (merge timing runs from `mass bench --merge-only`)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    study = accuracy_study(demo=not args.no_demo)
+    text = "\n".join(accuracy_markdown(study)) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(study, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(text)
+    return study
+
+
+if __name__ == "__main__":
+    main()

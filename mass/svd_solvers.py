@@ -2,7 +2,8 @@
 
 MASS keeps only k = min(out, in) / T components of each task delta, yet a full SVD computes all of them. The
 randomised solver (Halko, Martinsson & Tropp 2011, Alg. 4.4: Gaussian sketch with l = k + p columns, q power
-iterations re-orthonormalised by QR after every product, then an exact SVD of the small l × n matrix QᵀA;
+iterations re-orthonormalised by QR after every product, then an exact SVD of the small l × n matrix QᵀA
+(from a QR of its transpose, :func:`_topk_svd_of_transpose`);
 p = max(10, k/2) and q = 2 by default) costs
 about (2q + 2) products of the matrix with an l-column block instead of a full SVD. All arithmetic is fp32.
 
@@ -88,9 +89,18 @@ def randomized_topk(
     Q = _orthonormal_basis(A @ sketch)
     for _ in range(power_iters):  # Q ← orth(A orth(Aᵀ Q)): singular values raised to the power 2q + 1
         Q = _orthonormal_basis(A @ _orthonormal_basis(A.mT @ Q))
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-    U = Q @ Ub[..., :k]
-    return U.contiguous(), S[..., :k].contiguous(), Vh[..., :k, :].contiguous()
+    Ub, S, Vh = _topk_svd_of_transpose(A.mT @ Q, k)  # the SVD of QᵀA, from its transpose
+    return (Q @ Ub).contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def _topk_svd_of_transpose(Bt: torch.Tensor, k: int) -> Factors:
+    """Top-k thin SVD factors of B = Btᵀ for a tall Bt (…, n, l), l ≤ n: a Householder QR Bt = Qb R, then the
+    SVD of the small l × l Rᵀ = Ur diag(S) Vrh, so that B = Ur diag(S) (Qb Vrhᵀ)ᵀ. Both steps are backward
+    stable (an SVD of B as accurate as LAPACK's own); on this CPU (MKL) it took about half the time of
+    ``torch.linalg.svd`` of the wide B for l = 144, n = 768 and 3072."""
+    Qb, R = torch.linalg.qr(Bt)
+    Ur, S, Vrh = torch.linalg.svd(R.mT)
+    return Ur[..., :k], S[..., :k], (Qb @ Vrh[..., :k, :].mT).mT
 
 
 def topk_svd(

@@ -223,3 +223,70 @@ def test_subspace_distance_is_the_sine_of_the_largest_angle():
     c, s = math.cos(0.3), math.sin(0.3)
     rotated = torch.stack([e[:, 0], c * e[:, 1] + s * e[:, 2]], 1)
     assert subspace_distance(e[:, :2], rotated) == pytest.approx(s, abs=1e-6)
+
+
+def _block_columns(d: int, T: int, k: int, seed: int) -> torch.Tensor:
+    """[U1 … UT]: T random k-dim orthonormal blocks of R^d side by side (TSV-M's Ucat), d × Tk."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(T, d, k, generator=g, dtype=torch.float64)).Q.permute(1, 0, 2).reshape(d, -1)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_polar_factor_gram_route_is_within_its_bound(wide):
+    """A clearly tall (or wide) well-conditioned matrix takes the Gram route. First-order bound (M = P H,
+    G = MᵀM = H², Ĝ = G + E): ‖X − P‖_F ≤ ‖E‖_F / (2σ_n²), and the final product M·Ĝ^-1/2 adds at most
+    10 √n u ‖M‖_F ‖Ĝ^-1/2‖_F ≤ 10 √n u ‖M‖_F √n / σ_n. E gathers the Gram product's rounding (inner products of
+    length m: 10 √m u ‖M‖_F² in the √ accumulation model of the module docstring) and eigh's backward error
+    (10 n u ‖G‖_F); a factor 2 covers the second-order terms. The same matrix through the SVD route must obey
+    the SVD's own bound (3 · 10 √(mn) u ‖M‖_F / σ_n, as above): both are compared with the fp64 polar factor."""
+    M = _block_columns(384, 4, 24, seed=5)  # 384 × 96, κ ≈ 2
+    m, n = M.shape
+    sv = torch.linalg.svdvals(M)
+    assert float(sv[0] / sv[-1]) < 8  # the Gram route's condition
+    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+    exact = P @ Qh
+    fro = float(M.norm())
+    smin = float(sv[-1])
+    gram_err = (10 * math.sqrt(m) * fro ** 2 + 10 * n * fro ** 2) * U32 / (2 * smin ** 2)
+    tol = 2 * (gram_err + 10 * n * U32 * fro / smin)
+    X = polar_factor(M.float().mT if wide else M.float()).double()
+    err = float(((X.mT if wide else X) - exact).norm())
+    assert err <= tol
+    svd_tol = 3 * 10 * math.sqrt(m * n) * U32 * fro / smin
+    P32, _, Qh32 = torch.linalg.svd(M.float(), full_matrices=False)
+    assert float(((P32 @ Qh32).double() - exact).norm()) <= svd_tol
+    assert tol <= 4 * svd_tol  # the Gram route is held to about the SVD's accuracy
+
+
+def test_polar_factor_ill_conditioned_tall_matrix_takes_the_svd_route():
+    """κ = 10³ > GRAM_MAX_COND: the Gram route's first-order error κ² u / 2 ≈ 0.03 would be far above the SVD
+    route's (about κ u), so the result must be exactly the SVD route's."""
+    m, n = 300, 60
+    M = _with_spectrum(m, n, torch.logspace(0, -3, n, dtype=torch.float64), seed=7)
+    for A in (M, M.mT):
+        P, _, Qh = torch.linalg.svd(A, full_matrices=False)
+        assert torch.equal(polar_factor(A), P @ Qh)
+    assert bool(torch.isfinite(polar_factor(torch.zeros(300, 60))).all())  # singular: the SVD route too
+
+
+def test_topk_svd_of_transpose_is_an_svd_of_the_wide_matrix():
+    """The randomised solver's last step (SVD of the l × n matrix QᵀA from a QR of its transpose): singular
+    values within Weyl's bound of the fp64 ones (backward error 10 √(ln) u ‖B‖₂ for the QR and the small SVD,
+    doubled), orthonormal factors, and B's rank-k truncation reproduced within the same slack."""
+    from mass.svd_solvers import _topk_svd_of_transpose
+
+    l, n, k = 40, 300, 25
+    sigma = torch.linspace(3.0, 0.1, l, dtype=torch.float64)
+    B = _with_spectrum(l, n, sigma, seed=8)
+    U, S, Vh = _topk_svd_of_transpose(B.mT.contiguous(), k)
+    eps = 2 * 10 * math.sqrt(l * n) * U32 * float(sigma[0])
+    assert float((S.double() - sigma[:k]).abs().max()) <= eps
+    eye = torch.eye(k, dtype=torch.float64)
+    assert float((U.double().mT @ U.double() - eye).abs().max()) <= 10 * math.sqrt(l) * U32 * 10
+    assert float((Vh.double() @ Vh.double().mT - eye).abs().max()) <= 10 * math.sqrt(n) * U32 * 10
+    Ur, Sr, Vhr = torch.linalg.svd(B.double(), full_matrices=False)
+    best = (Ur[:, :k] * Sr[:k]) @ Vhr[:k]
+    approx = (U.double() * S.double()) @ Vh.double()
+    # ‖B − approx‖₂ ≤ σ_{k+1} + ε (backward stability) and ‖B − best‖₂ = σ_{k+1}
+    assert float(torch.linalg.matrix_norm(B.double() - approx, ord=2)) <= float(sigma[k]) + eps
+    assert float((approx - best).norm()) <= 2 * math.sqrt(2 * k) * eps / float(sigma[k - 1] - sigma[k]) * float(sigma[0])
