@@ -242,13 +242,24 @@ def solver_effect(deltas: torch.Tensor, k: int, solver: str = "randomized", n_in
 
 
 def _demo_cache(cache_root: Optional[str] = None) -> Optional[str]:
-    root = os.path.expanduser(cache_root or "~/.cache/mass-demo")
+    """A cache folder of the current demo (fine-tuned from the committed pretrained CLIP), or None."""
+    import json
+
+    from .demo import clip_pretrain
+
+    root = os.path.expanduser(cache_root or os.environ.get("MASS_DEMO_CACHE", "~/.cache/mass-demo"))
     if not os.path.isdir(root):
         return None
+    sha = clip_pretrain.weights_sha256()
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
-        if os.path.exists(os.path.join(folder, "meta.json")) and os.path.exists(
-                os.path.join(folder, "pretrained.safetensors")):
+        meta = os.path.join(folder, "meta.json")
+        if not os.path.exists(meta):
+            continue
+        config = json.load(open(meta)).get("config", {})
+        n_tasks = config.get("n_tasks")
+        if (config.get("pretrained_sha256") == sha and not config.get("quick") and n_tasks and
+                len([f for f in os.listdir(folder) if f.startswith("finetuned_")]) == n_tasks):
             return folder
     return None
 
@@ -258,24 +269,19 @@ def demo_solver_effect(folder: str, n_images: int = 64, seed: int = 0) -> dict:
     """The demo's fine-tuned checkpoints (128-d CLIP encoder, T = 8, k = 16: ``auto`` picks the full SVD there)
     merged with the full and the randomised solver: the per-matrix statistics of :func:`solver_effect` over
     every matrix, and the whole MASS model's outputs on random images (top-1 routing agreement, relative change
-    of the routed embeddings and of the TSV-M first-pass model's)."""
-    import json
-
+    of the routed embeddings and of the TSV-M first-pass model's). The accuracy effect on the demo's test
+    images is measured by ``bench/demo_solver_effect.py``."""
     from safetensors.torch import load_file
 
-    from .demo.training import DemoConfig, build_model
+    from .clip import vision_encoder
+    from .demo import clip_pretrain
     from .model import extract_embedding, merge
 
-    meta = json.load(open(os.path.join(folder, "meta.json")))
-    fields = {f for f in DemoConfig.__dataclass_fields__}
-    cfg = DemoConfig(**{k: v for k, v in meta.get("config", {}).items() if k in fields})
     tasks = {f[len("finetuned_"):-len(".safetensors")]: os.path.join(folder, f)
              for f in sorted(os.listdir(folder)) if f.startswith("finetuned_")}
 
     def pretrained():
-        model = build_model(cfg)
-        model.load_state_dict(load_file(os.path.join(folder, "pretrained.safetensors")))
-        return model.eval()
+        return vision_encoder(clip_pretrain.load_asset()[0]).eval()
 
     base = pretrained().state_dict()
     per_matrix = []
@@ -288,7 +294,8 @@ def demo_solver_effect(folder: str, n_images: int = 64, seed: int = 0) -> dict:
         row = solver_effect(deltas, k, "randomized", seed=seed)
         row["matrix"] = key
         per_matrix.append(row)
-    images = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+    size = pretrained().config.image_size
+    images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
     models = {s: merge(pretrained(), tasks, solver=s, progress=False, keep_merged="all")
               for s in ("full", "randomized")}
     routed = {s: m(pixel_values=images, return_routing=True) for s, m in models.items()}
