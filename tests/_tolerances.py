@@ -169,3 +169,16 @@ def probabilistic_relative_error(encoder: nn.Module, u: float, lam: float = 2.0)
     Comput. 41(5), 2019): errors of relative size ≤ u, independent and of mean zero, at each of the S stages
     add like a random walk; λ = 2 is two standard deviations. A statistical threshold, not a bound."""
     return lam * stage_count(encoder) ** 0.5 * u
+
+
+def logit_bound(encoder: nn.Module, embedding: torch.Tensor, logit_scale: float, rank: int = 0,
+                tokens: int = TOKENS) -> torch.Tensor:
+    """Bound (per row) on the error of fp32 logits ``s·⟨e/‖e‖, h/‖h‖⟩`` of a zero-shot head, from an fp32
+    embedding of ``encoder`` (``embedding``: the exact one, fp64). With ‖ê − e‖₂ ≤ E (√D times
+    :func:`encoder_bound`), the unit vector moves by ≤ 2E/‖e‖; normalising it and the head in fp32 (a sum of
+    D squares, a sqrt, a divide) adds γ_{D+2} each, the dot with the unit head γ_D: in all
+    s·(2E/‖e‖ + γ_{3D+4})."""
+    e = embedding.double()
+    D = e.shape[-1]
+    E = encoder_bound(encoder, e, rank, tokens=tokens).amax(1) * D ** 0.5
+    return logit_scale * (2 * E / e.norm(dim=1) + gamma(3 * D + 4))
