@@ -15,7 +15,7 @@ from mass.data import ClipPreprocess, DataError, HFDatasetData, ImageFolderData,
 from mass.evaluation import EvalResult, evaluate, routed_correct
 from mass.heads import zero_shot_heads
 
-from _tolerances import U32, assert_within, feature_error, gamma, logit_bound, residual_bound
+from _tolerances import U32, U64, assert_within, feature_error, gamma, logit_bound, residual_bound
 
 CLASSES = {"task0": ["cat", "dog"], "task1": ["red", "green", "blue"], "task2": ["one", "two"]}
 BATCH = 5  # does not divide the task sizes: partial batches are exercised
@@ -184,13 +184,17 @@ def test_mass_with_forced_tasks_reproduces_the_individual_row(bench):
 def test_normalised_accuracy_storage_and_outputs(bench, tmp_path):
     result = bench["result"]
     norm = result.normalized()
+    # Python floats: a quotient rounds once (u = 2⁻⁵³), a mean of 3 non-negative terms 3 times more: either
+    # side within γ_4(u) of the exact value, so within 2γ_4 ≤ γ_8 of each other (the storage factor: a quotient
+    # of integer counts, one rounding each side).
+    rel = gamma(8, U64)
     for row in result.rows:
         for task in CLASSES:
             ind = result.accuracy["individual"][task]
-            assert norm[row][task] == pytest.approx(result.accuracy[row][task] / ind, rel=1e-12)
-        assert result.average(row, normalized=True) == pytest.approx(sum(norm[row].values()) / 3, rel=1e-12)
+            assert norm[row][task] == pytest.approx(result.accuracy[row][task] / ind, rel=rel)
+        assert result.average(row, normalized=True) == pytest.approx(sum(norm[row].values()) / 3, rel=rel)
     dec = mass.decompose(mass.clip.vision_encoder(bench["clip"]), bench["ft"], progress=False)
-    assert result.storage_factor == pytest.approx(dec.storage_factor(), rel=1e-12)
+    assert result.storage_factor == pytest.approx(dec.storage_factor(), rel=rel)
     assert set(result.latency) == {"paper", "top1"}
     assert all(lat["ratio"] > 0 and lat["plain_ms"] > 0 for lat in result.latency.values())
     paths = result.save(tmp_path)
