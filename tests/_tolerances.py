@@ -182,3 +182,37 @@ def logit_bound(encoder: nn.Module, embedding: torch.Tensor, logit_scale: float,
     D = e.shape[-1]
     E = encoder_bound(encoder, e, rank, tokens=tokens).amax(1) * D ** 0.5
     return logit_scale * (2 * E / e.norm(dim=1) + gamma(3 * D + 4))
+
+
+def linear_path_length(model: nn.Module, rank: int = 0) -> int:
+    """The part of :func:`path_length` spent in linear layers (nn.Linear, the fused in-projection of
+    nn.MultiheadAttention), each with its low-rank block of ``rank``."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features + 2 * rank + 4
+        elif isinstance(m, nn.MultiheadAttention):
+            total += m.embed_dim + 2 * rank + 4
+    return total
+
+
+def float64_model_bound(encoder: nn.Module, want: torch.Tensor, rank: int = 0, stored_terms: int = 0,
+                        fp32_lowrank: bool = False, sides: int = 1, tokens: int = TOKENS) -> torch.Tensor:
+    """Bound for a MASS model cast to float64 against a float64 reference (or, ``sides=2``, against itself on
+    another batch), where the claim is about the algorithm, not fp32 rounding. Three parts, each a
+    :func:`forward_bound`:
+
+    * the float64 arithmetic: the whole path at u = 2⁻⁵³;
+    * the weights' fp32 representations: the reference loads weights the library reconstructs in fp32 (θ0 +
+      U S V: k + 3 roundings of a weight's magnitude) and the model keeps its task deltas in fp32 (one
+      rounding): ``stored_terms`` per weight-carrying stage (:func:`stage_count`) at u₃₂;
+    * ``fp32_lowrank``: the row-wise low-rank op, which sequence-first layouts use, accumulates in fp32
+      (mass_kernels' contract): the linear layers' path (:func:`linear_path_length`) at u₃₂.
+    """
+    M = row_scale(want)
+    bound = forward_bound(M, path_length(encoder, tokens, rank), U64)
+    if stored_terms:
+        bound = bound + forward_bound(M, stored_terms * stage_count(encoder), U32)
+    if fp32_lowrank:
+        bound = bound + forward_bound(M, linear_path_length(encoder, rank), U32)
+    return sides * bound
