@@ -1,4 +1,6 @@
 """Zero-shot heads from the CLIP text tower (mass.heads), checked against a direct computation."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,8 @@ import mass.clip
 from _clip_fixtures import PROJECTION, finetuned_towers, tiny_clip, write_tokenizer
 from mass.heads import DEFAULT_TEMPLATES, Head, Heads, head_tensors, zero_shot_heads
 from mass.presets import task_templates
+
+from _tolerances import assert_within, encoder_bound, gamma
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +21,24 @@ def clip_and_tokenizer(tmp_path_factory):
 
 @torch.no_grad()
 def _direct_text_embedding(clip, tok, prompt):
-    """One prompt, no padding: the text tower's pooled (end-of-text) output times the text projection."""
+    """One prompt, no padding: the text tower's pooled (end-of-text) output times the text projection (in the
+    dtype of ``clip``), not normalised."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
-    return F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output)[0], dim=-1)
+    return clip.text_projection(clip.text_model(input_ids=ids).pooler_output)[0]
+
+
+def _head_bound(clip, embeddings):
+    """Bound on an fp32 head row (normalised mean of the templates' normalised embeddings) against the exact one
+    from the exact (fp64) embeddings (m, D). Each embedding errs by E ≤ √D·encoder_bound (the text tower, with
+    its projection, over at most max_position_embeddings tokens); its unit vector by 2E/‖e‖ + γ_{D+2}; their
+    mean by the largest of those + γ_m; the final normalisation doubles that over ‖mean‖ and adds γ_{D+2}."""
+    m, D = embeddings.shape
+    tokens = clip.config.text_config.max_position_embeddings
+    E = encoder_bound(clip.text_model, embeddings, tokens=tokens).amax(1) * D ** 0.5
+    E = E + gamma(clip.text_projection.in_features) * embeddings.abs().amax(1) * D ** 0.5  # the projection
+    unit = 2 * E / embeddings.norm(dim=1) + gamma(D + 2)
+    mean = F.normalize(embeddings, dim=-1).mean(0)
+    return 2 * (unit.max() + gamma(m)) / mean.norm() + gamma(D + 2)
 
 
 def test_heads_equal_direct_computation(clip_and_tokenizer):
@@ -27,29 +46,31 @@ def test_heads_equal_direct_computation(clip_and_tokenizer):
     classes = {"pets": ["cat", "golden retriever", "hamster"], "digits": ["0", "1"]}
     templates = {"pets": ["a photo of a {}.", "a {} at home."], "digits": ["the number {}."]}
     heads = zero_shot_heads(clip, tok, classes, templates=templates, batch_size=3)  # batches split classes
+    clip64 = copy.deepcopy(clip).double()  # the direct computation in fp64, one prompt at a time, no padding
     for task, names in classes.items():
-        direct = torch.stack([
-            F.normalize(torch.stack([_direct_text_embedding(clip, tok, t.format(c)) for t in templates[task]]).mean(0),
-                        dim=-1)
-            for c in names])
+        direct, bounds = [], []
+        for c in names:
+            e = torch.stack([_direct_text_embedding(clip64, tok, t.format(c)) for t in templates[task]])
+            direct.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=-1))
+            bounds.append(_head_bound(clip, e))
         assert heads[task].classes == tuple(names)
         assert heads[task].weight.shape == (len(names), PROJECTION)
-        # Same tokens and weights; batching with padding only changes fp32 summation order inside the
-        # GEMMs (causal attention hides the padding): |error| <= ~ depth * width * eps = 4 * 64 * 1.2e-7
-        # on unit vectors, so 1e-5 bounds it with margin.
-        torch.testing.assert_close(heads[task].weight, direct, rtol=0, atol=1e-5)
-        torch.testing.assert_close(heads[task].weight.norm(dim=1), torch.ones(len(names)), rtol=0, atol=1e-6)
+        # Same tokens and weights; batching with padding changes only fp32 summation orders (causal attention
+        # hides the padding): each fp32 row within its bound of the exact one
+        assert_within(heads[task].weight, torch.stack(direct), torch.stack(bounds)[:, None], task)
+        # a unit vector in fp32: ‖fl(v/‖v‖)‖ is 1 up to the norm's γ_{D+1} and the divisions' u
+        assert_within(heads[task].weight.double().norm(dim=1), torch.ones(len(names)), gamma(PROJECTION + 2), task)
 
 
 def test_template_choice_and_validation(clip_and_tokenizer):
     clip, tok = clip_and_tokenizer
     generic = zero_shot_heads(clip, tok, {"mytask": ["a", "b"]})
     explicit = zero_shot_heads(clip, tok, {"mytask": ["a", "b"]}, templates=DEFAULT_TEMPLATES)
-    torch.testing.assert_close(generic["mytask"].weight, explicit["mytask"].weight, rtol=0, atol=1e-6)
+    assert torch.equal(generic["mytask"].weight, explicit["mytask"].weight)  # the same prompts: the same ops
     assert task_templates("eurosat") and task_templates("mytask") == ()
     known = zero_shot_heads(clip, tok, {"eurosat": ["forest", "river"]})
     own = zero_shot_heads(clip, tok, {"eurosat": ["forest", "river"]}, templates=list(task_templates("eurosat")))
-    torch.testing.assert_close(known["eurosat"].weight, own["eurosat"].weight, rtol=0, atol=1e-6)
+    assert torch.equal(known["eurosat"].weight, own["eurosat"].weight)  # the same prompts: the same ops
     with pytest.raises(ValueError, match="exactly one"):
         zero_shot_heads(clip, tok, {"t": ["a"]}, templates=["no placeholder"])
     with pytest.raises(TypeError, match="list of strings"):

@@ -1,4 +1,5 @@
 """The few-example (support-set) router and the unknown-task detector (issue 14) against direct computations."""
+import copy
 import dataclasses
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 import mass
 from mass.support import SupportFit, UnknownTaskError
+from mass_kernels.reference import routing_error_bound, routing_residuals_exact
 
+from _tolerances import U32, assert_within, encoder_bound, gamma, residual_bound
 from conftest import make_setup
 from test_router_options import _fc1_input
 
@@ -31,7 +34,32 @@ def _merged(router, support=None, keep_merged="prefix"):
 
 
 def _projector(v):
-    return v.T @ v
+    return v.double().T @ v.double()
+
+
+def _exact_features(model, reference, images):
+    """The routing feature x in fp64 (a hook on the plain model, θ0 in fp64) and each row's error ‖x̂ − x‖₂ of
+    the fp32 feature x̂ the model computes (its first pass on the same batch: the computation its routing and
+    its calibration run, so the same values). x̂ is first checked against x within the a-priori forward bound;
+    the measured error then serves the a-posteriori bounds below (tighter than the a-priori one by ~10³)."""
+    with torch.no_grad():
+        x = _fc1_input(copy.deepcopy(reference).double(), "hf", LAYER, images.double())
+        got = model._first_pass(images)[0][0]
+    assert_within(got, x, encoder_bound(reference, x), "routing feature")
+    return x, (got.double() - x).norm(dim=1)
+
+
+def _subspace_error(x, errors, rank):
+    """Bound on ‖P̂ − P‖₂ (elementwise too) between the top-``rank`` right singular subspaces of x (fp64, exact)
+    and of the fp32 x̂ the model fits, by Wedin's sin θ theorem: ‖sin Θ‖₂ ≤ √2·‖E‖₂ / (s_k − s_{k+1} − ‖E‖₂).
+    ‖E‖₂ ≤ ‖E‖_F: the rows' errors (``errors``, twice: a centre is a mean of them) plus the fp32 SVD's backward
+    error, taken as γ_{N+D}·‖x‖_F (LAPACK: a modest multiple of u·‖x‖). Asserted to be well below the O(1)
+    distance of a wrong subspace (another task's, a centring skipped), or the test would mean nothing."""
+    s = torch.linalg.svdvals(x)
+    e = 2 * float(errors.norm()) + gamma(x.shape[0] + x.shape[1]) * float(x.norm())
+    gap = float(s[rank - 1] - s[rank]) - e
+    assert gap > 0 and 2 ** 0.5 * e / gap < 1e-2
+    return 2 ** 0.5 * e / gap
 
 
 @pytest.mark.parametrize("centre", [False, True])
@@ -39,18 +67,15 @@ def test_support_basis_is_the_svd_of_the_support_features(centre):
     model, reference, support = _merged(_router(support_rank=3, centre=centre))
     assert model.routing_basis.shape == (1, 3, 3, model.routing_basis.shape[-1])
     for t, task in enumerate(model.tasks):
-        with torch.no_grad():
-            x = _fc1_input(reference, "hf", LAYER, support[task]).float()  # reference holds θ0
+        x, errors = _exact_features(model, reference, support[task])  # reference holds θ0
         mu = x.mean(0)
-        _, s, vh = torch.linalg.svd(x - mu if centre else x, full_matrices=False)
-        # Davis–Kahan: the two feature paths (the model's trimmed CLS path, a hook on the plain model) differ by
-        # fp32 rounding through a few blocks, ‖E‖ ≤ 1e-5·‖X‖; the rank-3 subspace then moves by ≤ ‖E‖ / gap,
-        # gap = s3 − s4. The test only means something if that bound is small: asserted.
-        tol = 1e-5 * float(s[0]) / float(s[2] - s[3])
-        assert tol < 1e-2
-        torch.testing.assert_close(_projector(model.routing_basis[0, t]), _projector(vh[:3]), atol=tol, rtol=0)
-        if centre:  # a mean of fp32 features: error ≤ ~1e-6·max|x|
-            torch.testing.assert_close(model.routing_centre[0, t], mu, atol=1e-5, rtol=1e-5)
+        y = x - mu if centre else x
+        vh = torch.linalg.svd(y, full_matrices=False)[2]
+        tol = _subspace_error(y, errors, 3)
+        assert_within(_projector(model.routing_basis[0, t]), _projector(vh[:3]), tol, f"{task} subspace")
+        if centre:  # the mean of the rows' errors, plus the fp32 sum's γ_N·mean|x|
+            tol = float(errors.max()) + gamma(x.shape[0]) * x.abs().mean(0)
+            assert_within(model.routing_centre[0, t], mu, tol, f"{task} centre")
     assert (model.routing_centre is not None) == centre
 
 
@@ -60,26 +85,47 @@ def test_scores_and_scale_follow_the_formula(centre, images):
     basis = model.routing_basis[0]
     centres = model.routing_centre[0] if centre else torch.zeros(basis.shape[0], basis.shape[-1])
     routing = model.route(images)
-    with torch.no_grad():
-        x = _fc1_input(reference, "hf", LAYER, images).float()
-    want = torch.stack([((x - c) - (x - c) @ b.T @ b).norm(dim=1) for b, c in zip(basis, centres)], 1)
-    # CPU op forms the residual vector: error O(u·√k·‖x‖) (mass_kernels.reference.routing_error_bound)
-    torch.testing.assert_close(routing.residuals, want, atol=1e-4, rtol=1e-4)
-    assert routing.task_ids[:, 0].tolist() == want.argmin(1).tolist() or routing.unknown.any()
+    x, errors = _exact_features(model, reference, images)
+    want, bound = [], []
+    for t in range(basis.shape[0]):  # the fp64 oracle at the exact centred feature; the model's error on top:
+        xc = x - centres[t].double()  # its feature's, the fp32 subtraction's (u·‖x − c‖), the op's own
+        want.append(routing_residuals_exact(xc, basis[t : t + 1])[:, 0])
+        bound.append(residual_bound(xc, basis[t : t + 1], errors + U32 * xc.norm(dim=1))[:, 0])
+    want, bound = torch.stack(want, 1), torch.stack(bound, 1)
+    assert_within(routing.residuals, want, bound, "residuals")
+    # the decision follows the residuals wherever the two smallest are further apart than their bounds
+    two = want.topk(2, dim=1, largest=False).values
+    clear = ~routing.unknown & (two[:, 1] - two[:, 0] > 2 * bound.amax(1))
+    assert routing.task_ids[clear, 0].tolist() == want.argmin(1)[clear].tolist()
     # the unknown score: the chosen task's residual over its scale, the largest leave-one-out residual
+    # Each held-out residual r_i = ‖(I − P)(f_i − μ)‖ in fp64; the model's errs by its vector's error (f_i's,
+    # the centre's, the subtraction's), ‖P̂ − P‖₂·‖f_i − μ‖ (the subspace fitted on fp32 rows) and the op's.
+    scales, scale_bound = [], []
     for t, task in enumerate(model.tasks):
-        with torch.no_grad():
-            f = _fc1_input(reference, "hf", LAYER, support[task]).float()
-        held_out = []
+        f, errors = _exact_features(model, reference, support[task])
+        held_out, held_bound = [], []
         for i in range(f.shape[0]):
-            rest = torch.cat([f[:i], f[i + 1:]])
+            keep = torch.arange(f.shape[0]) != i
+            rest = f[keep]
             mu = rest.mean(0) if centre else torch.zeros_like(rest[0])
             v = torch.linalg.svd(rest - mu, full_matrices=False)[2][:2]
-            held_out.append(((f[i] - mu) - (f[i] - mu) @ v.T @ v).norm())
-        torch.testing.assert_close(model.routing_scale[0, t], torch.stack(held_out).max(), atol=1e-4, rtol=1e-3)
-    best = want.gather(1, want.argmin(1, keepdim=True))[:, 0]
-    expected = best / model.routing_scale[0, want.argmin(1)]
-    torch.testing.assert_close(routing.unknown_scores, expected, atol=1e-4, rtol=1e-3)
+            y = (f[i] - mu)[None]
+            e_y = errors[i] + (float(errors[keep].max()) + gamma(rest.shape[0]) * float(rest.abs().mean(0).norm())
+                               if centre else 0.0) + U32 * y.norm()
+            held_out.append(routing_residuals_exact(y, v[None])[0, 0])
+            held_bound.append(residual_bound(y, v[None].float(), e_y.reshape(1))[0, 0]
+                              + _subspace_error(rest - mu, errors[keep], 2) * y.norm())
+        # |max_i r̂_i − max_i r_i| ≤ max_i |r̂_i − r_i|
+        scales.append(torch.stack(held_out).max())
+        scale_bound.append(torch.stack(held_bound).max())
+        assert_within(model.routing_scale[0, t], scales[-1], scale_bound[-1], f"{task} scale")
+    # score = r̂/ŝ rounded once: |r̂/ŝ − r/s| ≤ (e_r + (r/s)·e_s) / (s − e_s) + u·r̂/ŝ
+    chosen = want.argmin(1)
+    best, e_r = want.gather(1, chosen[:, None])[:, 0], bound.gather(1, chosen[:, None])[:, 0]
+    s, e_s = torch.stack(scales)[chosen], torch.stack(scale_bound)[chosen]
+    expected = best / s
+    assert_within(routing.unknown_scores, expected, (e_r + expected * e_s) / (s - e_s) + 2 * U32 * expected,
+                  "unknown scores")
 
 
 def test_routed_equals_forced_on_the_routed_tasks():
@@ -144,8 +190,13 @@ def test_calibrate_derives_models_and_keeps_the_original():
     # the fc1 basis with a calibrated detector: scales are plain residuals of the support images
     fc1 = model.calibrate(support, mass.RouterConfig(layer=LAYER, unknown="pretrained"))
     assert fc1.support.basis is None and torch.equal(fc1.routing_basis, model.routing_basis)
-    x = fc1.with_router(mass.RouterConfig(layer=LAYER)).route(support[model.tasks[1]]).residuals
-    torch.testing.assert_close(fc1.routing_scale[0, 1], x[:, 1].max())
+    view = fc1.with_router(mass.RouterConfig(layer=LAYER))
+    x = view.route(support[model.tasks[1]]).residuals
+    # one feature (the same first pass on the same batch), scored by the op against all tasks' bases here and
+    # against task 1's alone in the calibration: two evaluations, each within the op's bound of the oracle
+    feature, basis = view._first_pass(support[model.tasks[1]])[0][0], view.routing_basis[0, 1:2]
+    bound = 2 * routing_error_bound(feature, basis, "direct").max()
+    assert_within(fc1.routing_scale[0, 1], x[:, 1].max(), bound, "fc1 scale")
 
 
 def test_bad_support_input_is_refused():
