@@ -25,9 +25,7 @@ reductions differ between CPUs).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mass.serialization import _file_sha256 as sha256_of
+
+from .schedule import warmup_cosine
 from .tasks import TASK_SPECS, make_pretrain_pool, normalize_uint8
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "pretrained_clip"
@@ -191,13 +192,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, caption_ids: torch.Te
     return 0.5 * (image_loss + text_loss), logits
 
 
-def _lr(step: int, total: int, warmup_frac: float) -> float:
-    warm = max(1, int(total * warmup_frac))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-
 def pretrain(cfg: PretrainConfig, progress: bool = True, log=print, checkpoint=None, checkpoint_every: int = 0):
     """Train the tiny CLIP model; returns ``(clip_model, tokenizer, stats)``. ``checkpoint(step, clip,
     tokenizer)`` is called every ``checkpoint_every`` steps (0: never)."""
@@ -210,7 +204,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, log=print, checkpoint=N
     no_decay = [p for p in clip.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, cfg.steps, cfg.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_frac))
     g = torch.Generator().manual_seed(cfg.seed + 11)
     rng = np.random.default_rng(cfg.seed + 13)
     x_all = torch.from_numpy(images)
@@ -242,14 +236,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, log=print, checkpoint=N
              "train_caption_acc_ema": float(ema or 0.0), "n_images": int(len(images)),
              "families": list(family_names)}
     return clip.eval(), tokenizer, stats
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_asset(directory: Path, clip, tokenizer, cfg: PretrainConfig, stats: dict, command: str) -> Path:

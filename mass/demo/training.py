@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from mass.model import extract_embedding
 from mass.serialization import atomic_write
 
 from . import clip_pretrain
+from .schedule import warmup_cosine
 from .tasks import Task, make_tasks
 
 CACHE_VERSION = 3  # bump when the training recipe changes in a way the config does not capture
@@ -148,18 +148,6 @@ def evaluate(model_or_fn: Union[nn.Module, ForwardFn], task: Task, head: torch.T
     return correct / len(x)
 
 
-def _lr_lambda(total: int, warmup_frac: float):
-    warm = max(1, int(total * warmup_frac))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        p = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-    return f
-
-
 # ----------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------
@@ -178,7 +166,7 @@ def finetune(cfg: DemoConfig, pretrained: nn.Module, task: Task, head: torch.Ten
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.finetune_wd},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.finetune_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.finetune_steps, cfg.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.finetune_steps, cfg.warmup_frac))
     g = torch.Generator().manual_seed(seed)
     head = head.detach()
     n = len(task.train_labels)
