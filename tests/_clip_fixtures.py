@@ -175,3 +175,14 @@ def fine_tune(vision, x: torch.Tensor, y: torch.Tensor, head: torch.Tensor, step
         F.cross_entropy(logits, y).backward()
         opt.step()
     return {k: v.detach().clone() for k, v in model.eval().state_dict().items()}
+def fine_tune_tasks(vision, data, heads, steps: int = 25) -> dict:
+    """``{task: state dict}``: per task of ``data`` (``{task: dataset of (pixel_values, label)}``), :func:`fine_tune`
+    on all its items against its zero-shot head, with the task's index as the seed."""
+    out = {}
+    for i, task in enumerate(data):
+        images, labels = zip(*data[task])  # each item read (and preprocessed) once
+        x, y = torch.stack(images), torch.tensor(labels)
+        out[task] = fine_tune(vision, x, y, heads[task].weight, steps=steps, seed=i)
+    return out
+
+

@@ -8,7 +8,7 @@ import torch
 
 import mass
 import mass.clip
-from _clip_fixtures import fine_tune, save_clip, task_images, tiny_clip, write_image_folders, write_tokenizer
+from _clip_fixtures import fine_tune_tasks, save_clip, task_images, tiny_clip, write_image_folders, write_tokenizer
 from mass.data import ClipPreprocess, discover_image_folders
 from mass.evaluation import evaluate, support_indices, take_support
 from mass.heads import zero_shot_heads
@@ -27,10 +27,7 @@ def bench(tmp_path_factory):
     data = discover_image_folders(write_image_folders(root / "data", task_images(CLASSES, per_class=4, seed=1)), pre)
     heads = zero_shot_heads(clip, tok, CLASSES)
     vision = mass.clip.vision_encoder(clip)
-    ft = {}
-    for i, task in enumerate(CLASSES):
-        x, y = (torch.stack(v) if j == 0 else torch.tensor(v) for j, v in enumerate(zip(*data[task])))
-        ft[task] = fine_tune(vision, x, y, heads[task].weight, steps=10, seed=i)
+    ft = fine_tune_tasks(vision, {t: data[t] for t in CLASSES}, heads, steps=10)
     # another draw of images of the same tasks, standing in for a training split
     other = {t: [(pre(im), c) for im, c in items] for t, items in task_images(CLASSES, per_class=3, seed=7).items()}
     return dict(root=root, clip=clip, tok=tok, data=data, heads=heads, ft=ft, other=other,

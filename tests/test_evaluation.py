@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mass
 import mass.clip
-from _clip_fixtures import (fine_tune, hf_to_openclip, save_clip, task_images, tiny_clip, without_projection,
+from _clip_fixtures import (fine_tune_tasks, hf_to_openclip, save_clip, task_images, tiny_clip, without_projection,
                             write_image_folders, write_saved_dataset, write_tokenizer)
 from mass.data import ClipPreprocess, DataError, HFDatasetData, ImageFolderData, discover_image_folders, load_task_data
 from mass.evaluation import EvalResult, evaluate, routed_correct
@@ -37,10 +37,8 @@ def bench(tmp_path_factory):
     pre = ClipPreprocess(shortest_edge=32, crop=(32, 32))
     data = discover_image_folders(folders, pre)
     heads = zero_shot_heads(clip, tok, CLASSES)
-    ft = {}
-    for i, task in enumerate(CLASSES):  # a few steps on the task's images: fine-tuned >> zero-shot
-        x, y = (torch.stack(v) if j == 0 else torch.tensor(v) for j, v in enumerate(zip(*data[task])))
-        ft[task] = fine_tune(vision, x, y, heads[task].weight, seed=i)
+    # a few steps on each task's images: fine-tuned >> zero-shot
+    ft = fine_tune_tasks(vision, {t: data[t] for t in CLASSES}, heads)
     # Fine-tuned checkpoints in three user forms (all hold the same weights as ``ft``).
     from transformers import CLIPVisionModel
 
