@@ -90,10 +90,10 @@ def test_whitened_fit_equals_a_direct_fp64_computation(centre):
 
 
 def test_conformal_quantile_is_the_documented_order_statistic():
-    scores = torch.arange(99, 0, -1).double()  # 1..99, unsorted
-    assert sup.conformal_quantile(scores, 0.02) == 98  # ⌈100 · 0.98⌉ = 98th smallest
-    assert sup.conformal_quantile(scores, 0.1) == 90
-    assert sup.conformal_quantile(scores[:10], 0.02) == 99  # too few to certify 2%: the largest (1..99 → 99..90)
+    scores = torch.arange(200, 0, -1).double()  # 1..200, unsorted
+    assert sup.conformal_quantile(scores, 0.02) == 197  # ⌈201 · 0.98⌉ = ⌈196.98⌉: the 197th smallest
+    assert sup.conformal_quantile(scores[101:], 0.1) == 90  # 1..99: ⌈100 · 0.9⌉ = 90
+    assert sup.conformal_quantile(scores[:10], 0.02) == 200  # too few to certify 2%: the largest (200..191)
 
 
 def _merged(router, keep_merged="prefix", n=6):
