@@ -12,6 +12,7 @@ which for a whitened fit is the 2% split-conformal quantile of the merged tasks'
 Writes JSON (``--out``) and prints a log.
 
     python bench/few_example_variants.py --out /tmp/variants.json [--seeds 0 1 2]
+    python bench/few_example_variants.py --render /tmp/variants.json --plot docs/router_study_whiten.png
 """
 import argparse
 import copy
@@ -84,11 +85,68 @@ class Seed:
         return flagged[~inside].double().mean().item(), flagged[inside].double().mean().item()
 
 
+def _pct(values):
+    m = 100 * statistics.mean(values)
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def render(report: dict, plot=None) -> str:
+    """Markdown tables (validation grid, then test rows) of a report; optionally a PNG of the validation grid."""
+    lines = ["| variant (validation) | routing top-1 | foreign flagged | in-task flagged |", "|---|---|---|---|"]
+    for name, row in report["validation"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(row[k]) for k in ("routing", "foreign_flagged",
+                                                                          "in_task_flagged")) + " |")
+    lines += ["", "| router (test) | routing | normalised | foreign flagged | in-task flagged | per seed (routing / "
+                  "normalised / foreign / in-task) |", "|---|---|---|---|---|---|"]
+    for key, row in report["test"].items():
+        runs = row["runs"]
+        per_seed = "; ".join(f"{100 * r['routing']:.1f} / {100 * r['normalized']:.1f} / {100 * r['foreign_flagged']:.1f}"
+                             f" / {100 * r['in_task_flagged']:.1f}" for r in runs)
+        lines.append(f"| {key}: {row['name']} | " + " | ".join(_pct([r[k] for r in runs]) for k in (
+            "routing", "normalized", "foreign_flagged", "in_task_flagged")) + f" | {per_seed} |")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, row in report["validation"].items():
+            v = row["variant"]
+            if v["support_rank"] != 1 or not v["centre"]:
+                continue
+            x = v["whiten"]
+            label = f"blocks {v['layers']}"
+            for ax, key in zip(axes, ("routing", "foreign_flagged")):
+                ax.errorbar([x], [100 * statistics.mean(row[key])], yerr=[100 * statistics.stdev(row[key])],
+                            fmt="o", color={"[4]": "C0", "[5]": "C1", "[4, 5]": "C2"}[str(v["layers"])],
+                            label=label, capsize=3)
+        for ax, title in zip(axes, ("routing accuracy, 8 tasks (validation, %)",
+                                    "foreign images flagged at threshold 1 (validation, %)")):
+            handles, labels = ax.get_legend_handles_labels()
+            keep = {lbl: h for h, lbl in zip(handles, labels)}
+            ax.legend(keep.values(), keep.keys())
+            ax.set_xlabel("RouterConfig.whiten (rank 1, centred)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--render", metavar="JSON", help="print the tables of a finished run instead of measuring")
+    p.add_argument("--plot", metavar="PNG", help="with --render: also plot the validation grid")
     args = p.parse_args()
+    if args.render:
+        with open(args.render) as fh:
+            print(render(json.load(fh), args.plot))
+        return
+    if not args.out:
+        p.error("--out is required to measure")
     torch.set_num_threads(1)
     seeds = {s: Seed(s) for s in args.seeds}
     val = {}
