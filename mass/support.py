@@ -256,21 +256,7 @@ def _fit_whitened(features: Mapping[str, torch.Tensor], tasks: Sequence[str], ro
     scatter, dof = pooled_scatter(xs)
     W = whitener(scatter, dof, router.whiten)
     fits = [task_subspace(x @ W, rank, router.centre) for x in xs]
-    held_out = []  # per task (N_t, G): squared residual of each image against the fit without it
-    for x in xs:
-        N = x.shape[1]
-        mu = x.mean(1)  # (G, D)
-        rows = []
-        for i in range(N):
-            d = x[:, i] - mu  # removing image i lowers the task's scatter by N/(N−1) · d dᵀ (exactly)
-            W_i = whitener(scatter - (N / (N - 1)) * d.unsqueeze(2) * d.unsqueeze(1), dof - 1, router.whiten)
-            rest = torch.cat([x[:, :i], x[:, i + 1:]], 1) @ W_i
-            b, c = task_subspace(rest, rank, router.centre)
-            z = torch.einsum("gd,gde->ge", x[:, i], W_i)  # (G, D), fp64 like the rest of the held-out computation
-            z = z if c is None else z - c
-            rows.append(z.square().sum(-1) - torch.einsum("gkd,gd->gk", b, z).square().sum(-1))
-        held_out.append(torch.stack(rows))
-    d2 = torch.cat(held_out)  # (Σ N_t, G)
+    d2 = torch.cat([_held_out_whitened(x, scatter, dof, router.whiten, rank, router.centre) for x in xs])
     unit = d2.mean(0).clamp_min(torch.finfo(torch.float32).tiny)  # (G,): mean held-out squared residual
     q = conformal_quantile((d2 / unit).mean(1), UNKNOWN_RATE)
     scale = (unit * q).float().unsqueeze(1).expand(-1, len(tasks)).contiguous()  # (G, T)
@@ -278,6 +264,51 @@ def _fit_whitened(features: Mapping[str, torch.Tensor], tasks: Sequence[str], ro
                       centre=torch.stack([c for _, c in fits], 1).float() if router.centre else None,
                       scale=scale, layers=tuple(layers), features=router.features, token=router.token,
                       n_images=min(x.shape[1] for x in xs), norm="l2", whiten=router.whiten, whitener=W.float())
+
+
+def _held_out_whitened(x: torch.Tensor, scatter: torch.Tensor, dof: int, whiten: float, rank: int,
+                       centre: bool) -> torch.Tensor:
+    """(N, G) squared whitened residual of each image of one task (x: (G, N, D) fp64) against the fit without
+    it: its task's rows, the pooled scatter (``scatter``, ``dof`` with it) and so the whitener all lose it.
+
+    Without a factorisation per image: removing image i lowers the scatter by c·d dᵀ (d = x_i − μ, c = N/(N−1),
+    exactly), so the held-out covariance is A − c' d dᵀ with A = (w/dof')·S + (1 − w)·level'·I diagonal in S's
+    eigenbasis and c' = w·c/dof'; its inverse M is diagonal plus one rank-one term (Sherman–Morrison; A − c' d dᵀ
+    is positive definite, so the denominator is > 0). A residual against the top-k right singular vectors of
+    the whitened rows Z = R W (W Wᵀ = M) needs only M-inner products: with R M Rᵀ = U Λ Uᵀ,
+    r² = y M yᵀ − Σ_j (u_jᵀ R M yᵀ)² / λ_j. Equal to whitening with M^(1/2) and an SVD (tests check it)."""
+    G, N, D = x.shape
+    lam, Q = torch.linalg.eigh(scatter)  # (G, D), (G, D, D): one factorisation per block for all images
+    xq = x @ Q  # every feature in S's eigenbasis
+    mu = xq.mean(1, keepdim=True)
+    total = scatter.diagonal(dim1=-2, dim2=-1).sum(-1)  # (G,)
+    c = N / (N - 1)
+    out = []
+    for i in range(N):
+        d = xq[:, i] - mu[:, 0]  # (G, D)
+        dof_i = dof - 1
+        level = (total - c * d.square().sum(-1)) / dof_i / D  # (G,)
+        a = (whiten / dof_i) * lam + (1 - whiten) * level.unsqueeze(-1)  # (G, D): A's diagonal
+        cw = whiten * c / dof_i
+        h = d / a
+        k_sm = cw / (1 - cw * (d * h).sum(-1))  # (G,): M = diag(1/a) + k_sm·h hᵀ
+
+        def inner(u, v):  # (G, m, D), (G, n, D) -> (G, m, n): u M vᵀ
+            return (u / a.unsqueeze(1)) @ v.transpose(1, 2) + k_sm.view(G, 1, 1) * (u @ h.unsqueeze(-1)) @ (
+                v @ h.unsqueeze(-1)).transpose(1, 2)
+
+        rest = torch.cat([xq[:, :i], xq[:, i + 1:]], 1)  # (G, N−1, D)
+        y = xq[:, i:i + 1]
+        if centre:
+            m = rest.mean(1, keepdim=True)
+            rest, y = rest - m, y - m
+        gram_val, gram_vec = torch.linalg.eigh(inner(rest, rest))  # ascending
+        top_val, top_vec = gram_val[:, -rank:], gram_vec[:, :, -rank:]  # (G, k), (G, N−1, k)
+        proj = (top_vec.transpose(1, 2) @ inner(rest, y))[..., 0]  # (G, k)
+        safe = top_val > top_val.amax(-1, keepdim=True) * 1e-12  # a direction the rows do not span adds nothing
+        r2 = inner(y, y)[:, 0, 0] - torch.where(safe, proj.square() / top_val.clamp_min(1e-300), 0).sum(-1)
+        out.append(r2)
+    return torch.stack(out)
 
 
 def unknown_scores(res: torch.Tensor, chosen: torch.Tensor, scale: torch.Tensor, squared: bool = False) -> torch.Tensor:
