@@ -174,7 +174,7 @@ class RouterConfig:
         model's features, whitened by the support's own covariance (``whiten=0.2``), uncentred, rank 1, top-1
         (chosen on validation images, docs/router_study.md section 9). On the offline benchmark (8 tasks in
         CLIP's regime, 3 seeds, 32 images per task, test images) it routed 97.4 ± 0.1% right (normalised
-        accuracy 96.5 ± 0.4%), against 97.0 ± 0.1% (96.0 ± 0.3%) unwhitened and centred, 86.3 ± 1.2%
+        accuracy 96.5 ± 0.4%), against 97.0 ± 0.1% (96.1 ± 0.2%) unwhitened and centred, 86.3 ± 1.2%
         (85.3 ± 1.1%) for :meth:`recommended` and 61.4 ± 3.5% (58.3 ± 3.9%) for the paper's router. At the last
         block (``layer=n_blocks - 1, centre=True, whiten=0.5``, the setting chosen there) it routed 98.4 ± 0.2%
         (97.7 ± 0.5%) for a longer first pass; its unknown-task detector (``unknown="pretrained"``, default
