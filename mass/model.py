@@ -155,12 +155,12 @@ class MASSModel(nn.Module):
         """The per-model (not shared) settings: router, prefix reuse, routing basis (the fc1 deltas' or the
         support set's, with its centres) and the calibration (``support``, kept for saving and derived models)."""
         self.support = support
-        centre = scale = None
+        centre = scale = whitener = None
         if support is not None:
             support = support.to(basis.device)
             scale = support.scale
             if router.basis == "support":
-                basis, centre = support.basis, support.centre
+                basis, centre, whitener = support.basis, support.centre, support.whitener
         self.router_config = router
         self.reuse_prefix = reuse_prefix
         self.routing_layers = routing_layers
@@ -170,6 +170,7 @@ class MASSModel(nn.Module):
         self.register_buffer("routing_basis", basis, persistent=False)
         self.register_buffer("routing_centre", centre, persistent=False)
         self.register_buffer("routing_scale", scale, persistent=False)
+        self.register_buffer("routing_whitener", whitener, persistent=False)
 
     # ------------------------------------------------------------------ derived models
     def with_router(self, router: Optional[RouterConfig] = None, *, reuse_prefix: Optional[bool] = None,
@@ -213,7 +214,8 @@ class MASSModel(nn.Module):
         router = check_router(self.router_config if router is None else router)
         support = check_support(support, self.tasks)
         # The probe's fc1 basis keeps the router's norm: the unknown-task scales are residuals of that basis.
-        probe = self.with_router(dataclasses.replace(router, basis="fc1", unknown="off"), reuse_prefix=False)
+        probe = self.with_router(dataclasses.replace(router, basis="fc1", unknown="off", whiten=0.0),
+                                 reuse_prefix=False)
         features = {}
         for task, images in support.items():
             find_images(self, (images,), {})  # device, layout, channels
@@ -270,13 +272,14 @@ class MASSModel(nn.Module):
         return torch.stack([captured[layer] for layer in self.routing_layers]), captured.get("block")
 
     def _route_features(self, features: torch.Tensor) -> Routing:
-        residuals = routing_residuals(features, self.routing_basis, self.routing_centre)
+        residuals = routing_residuals(features, self.routing_basis, self.routing_centre, self.routing_whitener)
         if residuals.shape[0] == 1:
             residuals = residuals[0]
         routing = select_tasks(residuals, self.router_config)
         if self.router_config.unknown == "off":
             return routing
-        scores = unknown_scores(residuals, routing.task_ids[:, 0], self.routing_scale)
+        scores = unknown_scores(residuals, routing.task_ids[:, 0], self.routing_scale,
+                                squared=self.routing_whitener is not None)
         flagged = scores > self.router_config.unknown_threshold
         return Routing(task_ids=routing.task_ids.masked_fill(flagged.unsqueeze(1), -1),
                        weights=routing.weights.masked_fill(flagged.unsqueeze(1), 0.0),
@@ -605,6 +608,6 @@ def merge(
         return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix,
                          keep_merged=keep_merged)
     norm = "l2" if router.basis == "support" else router.norm
-    plain = dataclasses.replace(router, basis="fc1", unknown="off", norm=norm)
+    plain = dataclasses.replace(router, basis="fc1", unknown="off", norm=norm, whiten=0.0)
     model = MASSModel(pretrained, dec, router=plain, heads=heads, reuse_prefix=reuse_prefix, keep_merged=keep_merged)
     return model.calibrate(support, router)

@@ -60,20 +60,23 @@ ROUTER_FIELDS = {
     "centre": ("bool",),
     "unknown": ("string",),
     "unknown_threshold": _NUMBER,
+    "whiten": _NUMBER,
 }
 # Router fields added while format 1 was current; a format-1 config without them ran with these values.
 ROUTER_V1_DEFAULTS = {"layers": None, "features": "merged", "norm": "l2"}
 # Added in format 2 (issue 14): a config without them (and without "support") ran with these values.
 ROUTER_V2_DEFAULTS = {"basis": "fc1", "support_rank": None, "centre": False, "unknown": "off",
-                      "unknown_threshold": 1.0}
+                      "unknown_threshold": 1.0, "whiten": 0.0}
 SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("string",), "n_images": ("int",),
-                  "norm": ("string",)}
+                  "norm": ("string",), "whiten": _NUMBER}
 # "support.norm" (the fc1 weighting the calibrated scale was measured with) was added after format 2 first
 # shipped: a file without it ran its detector with its scales under the router's own norm, and still does.
+# "router.whiten", "support.whiten" and support/whitener (the whitened support router) came later still: a file
+# without them is an unwhitened one (whiten 0).
 _KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
                "list": "a list", "object": "an object"}
 _TENSOR_KINDS = ("base", "lowrank", "dense", "heads", "support")
-_SUPPORT_TENSORS = ("scale", "basis", "centre")
+_SUPPORT_TENSORS = ("scale", "basis", "centre", "whitener")
 
 
 class SavedModelError(ValueError):
@@ -161,7 +164,7 @@ def check_config(config: dict) -> dict:
     router_config(config)
     support = config["support"]
     if isinstance(support, dict):
-        support = config["support"] = {"norm": config["router"]["norm"], **support}
+        support = config["support"] = {"norm": config["router"]["norm"], "whiten": 0.0, **support}
     if support is not None:
         _check_fields(support, SUPPORT_FIELDS, "support.")
         if not support["layers"] or any(json_kind(v) != "int" or v < 0 for v in support["layers"]):
@@ -170,6 +173,8 @@ def check_config(config: dict) -> dict:
             raise _field_error("support.n_images", f"must be >= 2, got {support['n_images']!r}")
         if support["norm"] not in NORMS:
             raise _field_error("support.norm", f"must be one of {NORMS}, got {support['norm']!r}")
+        if not 0 <= support["whiten"] < 1:
+            raise _field_error("support.whiten", f"must lie in [0, 1), got {support['whiten']!r}")
     return config
 
 
@@ -322,11 +327,16 @@ def support_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]):
             "scale": value.shape == (G, T),
             "basis": value.dim() == 4 and value.shape[:2] == (G, T) and value.shape[2] >= 1,
             "centre": value.dim() == 3 and value.shape[:2] == (G, T),
+            "whitener": value.dim() == 3 and value.shape[0] == G and value.shape[1] == value.shape[2],
         }[name]
         if not ok:
             raise SavedModelError(f"saved tensors: support/{name} has shape {tuple(value.shape)} ({value.dtype}); "
                                   f"expected a floating tensor with {G} block(s) x {T} tasks")
     if "centre" in found and ("basis" not in found or found["centre"].shape[2] != found["basis"].shape[3]):
         raise SavedModelError("saved tensors: support/centre needs a support/basis of the same width")
+    if ("whitener" in found) != (meta["whiten"] > 0) or ("whitener" in found and (
+            "basis" not in found or found["whitener"].shape[2] != found["basis"].shape[3])):
+        raise SavedModelError(f"saved tensors: support/whitener must be present exactly when support.whiten > 0 "
+                              f"(it is {meta['whiten']!r}), with a support/basis of the same width")
     _check_finite({f"support/{k}": v for k, v in found.items()})
     return SupportFit.from_tensors(found, meta)
