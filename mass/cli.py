@@ -118,6 +118,22 @@ def _load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: 
     return sd
 
 
+ROUTER_PRESETS = ("paper", "recommended", "few-example")
+
+
+def router_from_args(args):
+    """The ``RouterConfig`` of ``mass merge``: the ``--router`` preset (the paper's router, ``recommended()``
+    or ``few_example()``), with every routing flag given on the command line overriding it."""
+    from .router import RouterConfig
+
+    base = {"paper": RouterConfig, "recommended": RouterConfig.recommended,
+            "few-example": RouterConfig.few_example}[args.router]
+    flags = {"layer": args.layer, "mode": args.mode, "token": args.token, "features": args.features,
+             "basis": args.basis, "whiten": args.whiten, "centre": args.centre}
+    return base(**{k: v for k, v in flags.items() if v is not None}, unknown=args.unknown,
+                unknown_threshold=args.unknown_threshold)
+
+
 def cmd_merge(args) -> int:
     from .clip import is_hub_id, load_vision
     from .model import merge
@@ -126,8 +142,7 @@ def cmd_merge(args) -> int:
     finetuned = _parse_finetuned(args.finetuned)
     rank = _parse_rank(args.rank)
     try:
-        router = RouterConfig(layer=args.layer, mode=args.mode, token=args.token, features=args.features,
-                              basis=args.basis, unknown=args.unknown, unknown_threshold=args.unknown_threshold)
+        router = router_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     support_dirs = _parse_finetuned(args.support, "--support") if args.support else None
@@ -159,7 +174,7 @@ def cmd_merge(args) -> int:
         model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, support=support,
                       keep_merged=keep_merged, solver=args.solver, device=args.device)
     except ValueError as exc:
-        if support is None and (args.basis == "support" or args.unknown != "off"):
+        if support is None and (router.basis == "support" or args.unknown != "off"):
             raise UserError(f"{exc} (give --support TASK=DIR ...)") from None
         raise
     model.save_pretrained(args.out)
@@ -232,15 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--rank", default=None, help="k per matrix: int, or fraction of min(out, in); "
                                                      "default floor(min(out, in) / T)")
     merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
-    merge.add_argument("--mode", default="topk", choices=["top1", "topk", "weighted"])
-    merge.add_argument("--token", default="cls", choices=["cls", "mean"])
-    merge.add_argument("--features", default="merged", choices=["merged", "pretrained"],
+    merge.add_argument("--router", default="paper", choices=ROUTER_PRESETS,
+                       help="router preset: the paper's (data-free, topk), RouterConfig.recommended() (data-free, "
+                            "pretrained features, top-1) or RouterConfig.few_example() (needs --support); the "
+                            "routing flags below override it")
+    merge.add_argument("--mode", default=None, choices=["top1", "topk", "weighted"], help="default: the preset's")
+    merge.add_argument("--token", default=None, choices=["cls", "mean"], help="default: the preset's")
+    merge.add_argument("--features", default=None, choices=["merged", "pretrained"],
                        help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
     merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],
                        help="SVD solver: exact, randomized range finder, or auto (randomized for large matrices)")
     merge.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
-    merge.add_argument("--basis", default="fc1", choices=["fc1", "support"],
+    merge.add_argument("--basis", default=None, choices=["fc1", "support"],
                        help="routing basis: the fc1 deltas (data-free, paper) or the --support images' subspaces")
+    merge.add_argument("--whiten", type=float, default=None,
+                       help="support basis only: whiten features by the support images' covariance mixed with a "
+                            "scaled identity (weight in [0, 1); few-example preset: 0.2)")
+    merge.add_argument("--centre", default=None, action=argparse.BooleanOptionalAction,
+                       help="support basis only: affine subspaces around each task's support mean")
     merge.add_argument("--support", nargs="+", metavar="TASK=DIR", default=None,
                        help="a few unlabelled images of each task (a folder per task, 32 recommended): fits the "
                             "support-set router and the unknown-task detector")

@@ -111,3 +111,22 @@ def test_cli_merge_with_support(checkpoints, capsys):
     assert model.router_config.basis == "support" and model.support.n_images == 5
     assert main(argv[:-4] + ["--out", str(tmp / "out2")]) == 2
     assert "--support" in capsys.readouterr().err
+
+
+def test_cli_router_presets_and_overrides():
+    """``mass merge --router`` gives the named RouterConfig preset; an explicit routing flag overrides only its
+    own field."""
+    from mass.cli import build_parser, router_from_args
+
+    def router(*flags):
+        return router_from_args(build_parser().parse_args(["merge", "--pretrained", "p", "--finetuned", "a=x",
+                                                             "--out", "o", *flags]))
+
+    assert router() == mass.RouterConfig()
+    assert router("--router", "recommended") == mass.RouterConfig.recommended()
+    assert router("--router", "few-example") == mass.RouterConfig.few_example()
+    assert router("--router", "few-example", "--layer", "5", "--centre", "--whiten", "0.5") == \
+        mass.RouterConfig.few_example(layer=5, centre=True, whiten=0.5)
+    assert router("--router", "few-example", "--no-centre", "--unknown", "error") == \
+        mass.RouterConfig.few_example(centre=False, unknown="error")
+    assert router("--mode", "top1", "--features", "pretrained") == mass.RouterConfig.recommended()

@@ -49,13 +49,13 @@ SUPPORT_PER_TASK = 32
 
 def demo_routers(layer: int, n_blocks: int) -> dict:
     """The routers the demo compares, reading the input of block ``layer``'s MLP (the paper's block), and the
-    few-example router at the last block, which a validation split (training images, seeds 0-2) preferred
-    uncentred: a longer first pass for fewer routing errors."""
+    few-example router at the last block, whose centring and whitening a validation split (training images,
+    seeds 0-2; docs/router_study.md, section 9) chose: a longer first pass for fewer routing errors."""
     return {"paper": mass.RouterConfig(layer=layer), "top1": mass.RouterConfig(layer=layer, mode="top1"),
             "recommended": mass.RouterConfig.recommended(layer=layer),
             "energy": mass.RouterConfig.recommended(layer=layer, norm="energy"),
             "few-example": mass.RouterConfig.few_example(layer=layer),
-            "few-example-last": mass.RouterConfig.few_example(layer=n_blocks - 1, centre=False)}
+            "few-example-last": mass.RouterConfig.few_example(layer=n_blocks - 1, centre=True, whiten=0.5)}
 
 
 def regime(result: mass.EvalResult) -> dict:
