@@ -222,9 +222,11 @@ class MASSConv2d(_TaskModule):
             raise NotImplementedError("MASSConv2d supports padding_mode='zeros' only")
         self.weight, self.bias = conv.weight, conv.bias
         self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias",
-                                           "fine_tuned_weight", "fine_tuned_set_weight"))
+                                           "fine_tuned_weight"))
         self._fine_tuned = None  # (sources, stamp, weights): read and replaced as one value
-        self._fine_tuned_sets = None  # (sources, stamp, {entries: index}, weights, task biases): likewise
+        # (sources, stamp, {entries: index}, weights, task biases), likewise; not a buffer: it belongs to the
+        # cached multi-task sets (held outside the module's tensors too) and a call must not change buffers
+        self._fine_tuned_sets = None
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -236,7 +238,7 @@ class MASSConv2d(_TaskModule):
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
         self.fine_tuned_weight, self._fine_tuned = None, None
-        self.fine_tuned_set_weight, self._fine_tuned_sets = None, None
+        self._fine_tuned_sets = None
 
     def _fine_tuned_weights(self, n_entries: int) -> torch.Tensor:
         """``W0 + Δ_e`` for the first ``n_entries`` entries (top-1 rows use task entries, which come first),
@@ -273,9 +275,9 @@ class MASSConv2d(_TaskModule):
         (groups cached, out, in·kh·kw) in the bank layout, the summed task biases (or None), and each group's
         index in them. With them a two-slot patch embedding is one GEMM per group, as for top-1, instead of the
         base GEMM plus a delta GEMM per slot (3× the FLOPs). At most as many groups as the layer has tasks
-        are cached (ViT-B/32, T = 8: up to 72 MiB more in fp32, a non-persistent buffer so it counts in the
-        module's tensors); a call needing others starts the cache again with its own groups, and a call with more
-        groups than that gets None (the caller then runs the delta GEMMs). Rebuilt when the base weight or the
+        are cached (ViT-B/32, T = 8: up to 72 MiB more in fp32; like the cached sets' banks, not a buffer); a
+        call needing others starts the cache again with its own groups, and a call with more groups than that
+        gets None (the caller then runs the delta GEMMs). Rebuilt when the base weight or the
         banks change (new tensors, as a new generation of cached sets is, or in-place writes); read and replaced
         as one value under the lock, like :meth:`_fine_tuned_weights`."""
         sources = (self.weight, bank.task_weight, bank.task_bias)
@@ -293,7 +295,7 @@ class MASSConv2d(_TaskModule):
                 cache = self._fine_tuned_sets
                 if not (current(cache) and all(g in cache[2] for g in wanted)):
                     cache = self._extend_group_cache(cache if current(cache) else None, sources, stamp, wanted)
-                    self._fine_tuned_sets, self.fine_tuned_set_weight = cache, cache[3]
+                    self._fine_tuned_sets = cache
         return cache[3], cache[4], [cache[2][g] for g in groups]
 
     def _extend_group_cache(self, cache, sources: tuple, stamp: tuple, wanted: list) -> tuple:

@@ -129,7 +129,7 @@ def test_patch_embedding_on_sets_is_one_gemm_per_group_with_cached_whole_weights
     got = _run_conv(conv, state, bank, x, entries, segments)
     want, bound = _conv_exact(conv, bank, x, entries)
     assert_within(got, want, bound, "sets, cached whole weights")
-    assert conv.fine_tuned_set_weight.shape == (3, 8, 48)  # groups (2,), (4, 5), (6, 7)
+    assert conv._fine_tuned_sets[3].shape == (3, 8, 48)  # groups (2,), (4, 5), (6, 7)
     with torch.no_grad():
         bank.task_weight[5].add_(1.0)  # an in-place write: the next call must see it
     got = _run_conv(conv, state, bank, x, entries, segments)
@@ -139,11 +139,11 @@ def test_patch_embedding_on_sets_is_one_gemm_per_group_with_cached_whole_weights
     entries = torch.tensor([[0, -1], [1, -1], [2, -1], [4, 5], [6, 7]])
     segments = [(0, 0, 0, 1), (0, 1, 1, 2), (0, 2, 2, 3), (0, 4, 3, 4), (0, 6, 4, 5), (1, 5, 3, 4), (1, 7, 4, 5)]
     x = torch.randn(5, 3, 8, 8, generator=gen)
-    cached = conv.fine_tuned_set_weight
+    cached = conv._fine_tuned_sets
     got = _run_conv(conv, state, bank, x, entries, segments)
     want, bound = _conv_exact(conv, bank, x, entries)
     assert_within(got, want, bound, "more groups than tasks")
-    assert conv.fine_tuned_set_weight is cached
+    assert conv._fine_tuned_sets is cached
 
 
 def test_bench_topk_pattern_equals_tsv_merge_per_set(images):
