@@ -130,7 +130,7 @@ def _paper_layer(n_blocks: int) -> int:
 
 
 def model_ratio(name: str, n_tasks: int, router_mode: str, routing_layer: int | None = None,
-                patch_whole_for_sets: bool = False) -> float:
+                patch_whole_for_sets: bool = True) -> float:
     """The FLOP model's ratio to plain for one ``mass bench`` row (``top1``; ``topk``/``weighted``: two slots)."""
     r = model_ratios(name, n_tasks, 1, routing_layer)["modes"]
     if router_mode == "top1":
@@ -139,9 +139,11 @@ def model_ratio(name: str, n_tasks: int, router_mode: str, routing_layer: int | 
     return r[f"topk (two-slot, {key})"]["ratio"]
 
 
-def annotate(report: dict, patch_whole_for_sets: bool = False) -> list[dict]:
+def annotate(report: dict, patch_whole_for_sets: bool = True) -> list[dict]:
     """Add ``flop_model_ratio`` and ``measured_over_model`` to each timed ``ours`` row of a bench report
-    (mixed batches: the two-slot rows put every sample on a pair). Returns the annotated rows."""
+    (mixed batches: the two-slot rows put every sample on a pair). ``patch_whole_for_sets``: the CPU path
+    since the set patch-weight cache (at most T groups per call, which the bench's rows never exceed);
+    False for the code before it. Returns the annotated rows."""
     rows = []
     for r in report.get("results", []):
         if r.get("provider") != "ours" or r.get("ratio_to_plain") is None or r.get("model") not in MODEL_CONFIGS:
@@ -160,8 +162,9 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--report", default=None, help="a mass bench JSON: print measured against the model")
-    p.add_argument("--patch-whole-for-sets", action="store_true",
-                   help="model the two-slot patch embedding as one GEMM (a cached whole weight per set)")
+    p.add_argument("--patch-delta-for-sets", dest="patch_whole_for_sets", action="store_false",
+                   help="model the two-slot patch embedding as base + one delta GEMM per slot (code before the "
+                        "set patch-weight cache)")
     args = p.parse_args(argv)
     if args.report:
         with open(args.report) as f:
