@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mass_kernels
+from mass_kernels.cpu import bias_runs
 from mass_kernels.reference import (
     dense_delta_segments_torch,
     lowrank_linear_segments_torch,
@@ -187,7 +188,7 @@ class MASSLayerNorm(_TaskModule):
             # entries' affine in one in-place broadcast op.
             weights = (self.weight + bank.task_weight).to(x.dtype).flatten(1)  # (entries, numel of the shape)
             biases = (self.bias + bank.task_bias).to(x.dtype).flatten(1)
-            for _, sel, start, stop, m, _ in segment_runs(state.segments, x.device):
+            for _, sel, start, stop, m, _ in segment_runs(state.segments):
                 rows = normed[start:stop].view(m, -1, weights.shape[1])
                 w, b = weights[sel].unsqueeze(1), biases[sel].unsqueeze(1)
                 if torch.is_grad_enabled():  # the out= form below is not differentiable
@@ -223,6 +224,9 @@ class MASSConv2d(_TaskModule):
         self._init_task_buffers(state, 0, ("merged_weight", "merged_bias", "task_weight", "task_bias",
                                            "fine_tuned_weight"))
         self._fine_tuned = None  # (sources, stamp, weights): read and replaced as one value
+        # (sources, stamp, {entries: index}, weights, task biases), likewise; not a buffer: it belongs to the
+        # cached multi-task sets (held outside the module's tensors too) and a call must not change buffers
+        self._fine_tuned_sets = None
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -234,6 +238,7 @@ class MASSConv2d(_TaskModule):
             deltas = bank_layout(deltas.reshape(*deltas.shape[:2], -1)).view(deltas.shape)
         self.task_weight = deltas
         self.fine_tuned_weight, self._fine_tuned = None, None
+        self._fine_tuned_sets = None
 
     def _fine_tuned_weights(self, n_entries: int) -> torch.Tensor:
         """``W0 + Δ_e`` for the first ``n_entries`` entries (top-1 rows use task entries, which come first),
@@ -263,6 +268,55 @@ class MASSConv2d(_TaskModule):
                 cache = (sources, stamp, whole)
                 self._fine_tuned, self.fine_tuned_weight = cache, whole
         return cache[2]
+
+    def _group_whole_weights(self, bank, groups: list) -> Optional[tuple]:
+        """``W0 + Σ_j Δ_ej`` and ``Σ_j b_ej`` for row groups that each add their entries with weight 1 (a cached
+        multi-task set's slots, or one task), from ``bank`` (the pass's banks, extended with the sets): stacked
+        (groups cached, out, in·kh·kw) in the bank layout, the summed task biases (or None), and each group's
+        index in them. With them a two-slot patch embedding is one GEMM per group, as for top-1, instead of the
+        base GEMM plus a delta GEMM per slot (3× the FLOPs). At most as many groups as the layer has tasks
+        are cached (ViT-B/32, T = 8: up to 72 MiB more in fp32; like the cached sets' banks, not a buffer); a
+        call needing others starts the cache again with its own groups, and a call with more groups than that
+        gets None (the caller then runs the delta GEMMs). Rebuilt when the base weight or the
+        banks change (new tensors, as a new generation of cached sets is, or in-place writes); read and replaced
+        as one value under the lock, like :meth:`_fine_tuned_weights`."""
+        sources = (self.weight, bank.task_weight, bank.task_bias)
+        stamp = _stamp([t for t in sources if t is not None])
+        wanted = list(dict.fromkeys(groups))
+        if len(wanted) > self.task_weight.shape[0]:
+            return None
+
+        def current(cache):
+            return cache is not None and cache[1] == stamp and all(a is b for a, b in zip(cache[0], sources))
+
+        cache = self._fine_tuned_sets
+        if not (current(cache) and all(g in cache[2] for g in wanted)):
+            with _CACHE_LOCK, torch.inference_mode(False), torch.no_grad():
+                cache = self._fine_tuned_sets
+                if not (current(cache) and all(g in cache[2] for g in wanted)):
+                    cache = self._extend_group_cache(cache if current(cache) else None, sources, stamp, wanted)
+                    self._fine_tuned_sets = cache
+        return cache[3], cache[4], [cache[2][g] for g in groups]
+
+    def _extend_group_cache(self, cache, sources: tuple, stamp: tuple, wanted: list) -> tuple:
+        """A new group cache: ``cache``'s groups (if it is current and there is room) plus the missing ones of
+        ``wanted`` (else ``wanted`` alone)."""
+        weight, deltas, task_bias = sources
+        index = dict(cache[2]) if cache is not None else {}
+        if len(index) + sum(g not in index for g in wanted) > self.task_weight.shape[0]:
+            cache, index = None, {}
+        new = [g for g in wanted if g not in index]
+        flat = deltas.reshape(deltas.shape[0], self.out_channels, -1)
+        base = weight.reshape(self.out_channels, -1)
+        weights = torch.stack([sum((flat[e] for e in g[1:]), base + flat[g[0]]) for g in new])
+        biases = None if task_bias is None else torch.stack([sum((task_bias[e] for e in g[1:]), task_bias[g[0]])
+                                                             for g in new])
+        if cache is not None:
+            weights = torch.cat([cache[3], weights])
+            biases = None if biases is None else torch.cat([cache[4], biases])
+        for g in new:
+            index[g] = len(index)
+        return sources, stamp, index, bank_layout(weights), biases
 
     def _lay_out_banks(self) -> None:
         self.set_weight_deltas(self.task_weight)
@@ -300,13 +354,33 @@ class MASSConv2d(_TaskModule):
             n_entries = 1 + max(entry for _, entry, _, _ in segments)  # task entries: the layer's own bank
             y = whole_weight_segments_torch(patches, self._fine_tuned_weights(n_entries), self.bias, segments,
                                             bank.task_bias)
-        else:
+        elif row_weights is not None or (y := self._groups_forward(patches, segments, bank)) is None:
             E = bank.task_weight.shape[0]
             y = dense_delta_segments_torch(
                 patches, self.weight.reshape(self.out_channels, -1), self.bias,
                 bank.task_weight.reshape(E, self.out_channels, -1), segments, row_weights, bank.task_bias,
             )
         return self._unpatch(y, grid)
+
+    def _groups_forward(self, patches: torch.Tensor, segments, bank) -> Optional[torch.Tensor]:
+        """Unit-weight rows (multi-task sets, single tasks) as one GEMM per group with its cached whole weight
+        (:meth:`_group_whole_weights`); None when some rows have no entry or the groups do not fit the cache."""
+        groups, group_segments, done = [], [], 0
+        for start, stop, m, n, sels in bias_runs(segments):
+            if start != done:
+                return None  # rows without an entry in between: the base weight, not a cached group
+            for i in range(m):
+                group_segments.append((0, len(groups), start + i * n, start + (i + 1) * n))
+                groups.append(tuple(sel.start + i * sel.step for sel in sels))
+            done = stop
+        if not groups or done != patches.shape[0]:
+            return None
+        cached = self._group_whole_weights(bank, groups)
+        if cached is None:
+            return None
+        weights, biases, index = cached
+        group_segments = [(0, index[g], start, stop) for _, g, start, stop in group_segments]
+        return whole_weight_segments_torch(patches, weights, self.bias, group_segments, biases)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

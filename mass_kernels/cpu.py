@@ -139,46 +139,84 @@ def group_rows(ids: torch.Tensor) -> tuple:
     return order, segments
 
 
-def segment_runs(segments, device) -> tuple:
+def segment_runs(segments) -> tuple:
     """:func:`_segment_runs`, memoised: every layer of a forward asks for the same few groupings."""
-    return _segment_runs(tuple(segments), str(device))
+    return _segment_runs(tuple(segments))
+
+
+def _continues(tasks: list, t: int) -> bool:
+    """``t`` extends ``tasks`` as an increasing arithmetic progression (so the run's banks are one strided view)."""
+    return t > tasks[-1] and (len(tasks) == 1 or t - tasks[-1] == tasks[1] - tasks[0])
+
+
+def _as_slice(tasks: list) -> slice:
+    step = tasks[1] - tasks[0] if len(tasks) > 1 else 1
+    return slice(tasks[0], tasks[-1] + 1, step)
 
 
 @functools.lru_cache(maxsize=256)
-def _segment_runs(segments: tuple[tuple[int, int, int, int], ...], device: str) -> tuple:
-    """Merge consecutive ``(slot, task, start, stop)`` row segments of one slot that have the same length and
-    follow each other into runs ``(slot, sel, start, stop, tasks in the run, rows per task)``, each one batched
-    matmul. ``sel`` indexes the banks: a slice (a view, no copy) when the run's tasks are consecutive."""
+def _segment_runs(segments: tuple[tuple[int, int, int, int], ...]) -> tuple:
+    """Merge consecutive ``(slot, task, start, stop)`` row segments of one slot that have the same length, follow
+    each other and whose tasks increase by a constant step into runs ``(slot, sel, start, stop, tasks in the
+    run, rows per task)``, each one batched matmul. ``sel`` is a slice of the banks (a view, never a copy: a
+    cached two-task set's slots sit at entries e, e + 1, so the slot-0 entries of adjacent sets step by 2)."""
     runs: list[list] = []
     for slot, t, start, stop in segments:
         last = runs[-1] if runs else None
-        if last is not None and last[0] == slot and last[3] == start and stop - start == last[4]:
+        if last is not None and last[0] == slot and last[3] == start and stop - start == last[4] \
+                and _continues(last[1], t):
             last[1].append(t)
             last[3] = stop
         else:
             runs.append([slot, [t], start, stop, stop - start])
-    out = []
-    for slot, tasks, start, stop, n in runs:
-        m = len(tasks)
-        consecutive = tasks == list(range(tasks[0], tasks[0] + m))
-        sel = slice(tasks[0], tasks[0] + m) if consecutive else torch.tensor(tasks, device=device)
-        out.append((slot, sel, start, stop, m, n))
-    return tuple(out)
+    return tuple((slot, _as_slice(tasks), start, stop, len(tasks), n) for slot, tasks, start, stop, n in runs)
 
 
-def _run_bias(bias, task_bias, sel, m: int):
-    """Bias of each of a run's ``m`` entries, (m, out): the shared bias plus the entry's task bias (None if
-    there is neither)."""
+def bias_runs(segments) -> tuple:
+    """:func:`_bias_runs`, memoised."""
+    return _bias_runs(tuple(segments))
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_runs(segments: tuple[tuple[int, int, int, int], ...]) -> tuple:
+    """The rows' bias pattern: the row ranges over which every slot's task is constant (one task per row for
+    top-1, a set's slots for rows on a multi-task set), those with at least one task merged into runs
+    ``(start, stop, groups in the run, rows per group, sels)`` like :func:`_segment_runs` (same length, adjacent,
+    each slot's tasks an increasing progression); ``sels`` holds one bank slice per slot the rows use."""
+    cuts = sorted({p for _, _, start, stop in segments for p in (start, stop)})
+    by_slot = sorted(segments)
+    runs: list[list] = []
+    for a, b in zip(cuts, cuts[1:]):
+        tasks = tuple((slot, t) for slot, t, start, stop in by_slot if start <= a and b <= stop)
+        if not tasks:
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last[1] == a and b - a == last[2] and tuple(s for s, _ in tasks) == last[3] \
+                and all(_continues(seq, t) for seq, (_, t) in zip(last[4], tasks)):
+            for seq, (_, t) in zip(last[4], tasks):
+                seq.append(t)
+            last[1] = b
+        else:
+            runs.append([a, b, b - a, tuple(s for s, _ in tasks), [[t] for _, t in tasks]])
+    return tuple((a, b, len(seqs[0]), n, tuple(_as_slice(seq) for seq in seqs)) for a, b, n, _, seqs in runs)
+
+
+def _run_bias(bias, task_bias, sels, m: int):
+    """Bias of each of a run's ``m`` row groups, (m, out): the shared bias plus the group's task biases, one per
+    slot in ``sels`` (None if there is neither)."""
     if task_bias is None:
         return None if bias is None else bias.expand(m, -1)
-    return task_bias[sel] if bias is None else task_bias[sel] + bias
+    total = task_bias[sels[0]]
+    for sel in sels[1:]:
+        total = total + task_bias[sel]
+    return total if bias is None else total + bias
 
 
-def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.Tensor, bool]:
-    """``x Wᵀ + b``, with each run's task bias already in it when every run is slot 0 with unit weights: the
-    biases are written first and the GEMM accumulates onto them, one pass over ``y`` fewer. Returns
-    ``(y, task biases included)``."""
-    if task_bias is None or row_weights is not None or any(run[0] != 0 for run in runs):
+def _base_output(x, weight, bias, task_bias, segments, row_weights) -> tuple[torch.Tensor, bool]:
+    """``x Wᵀ + b``, with every row's task biases (all its slots: a multi-task set's are summed per row group)
+    already in it when no row weights apply: the biases are written first and the GEMM accumulates onto them,
+    one pass over ``y`` per slot fewer. Returns ``(y, task biases included)``."""
+    if task_bias is None or row_weights is not None:
         return F.linear(x, weight, bias), False
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
 
@@ -189,10 +227,10 @@ def _base_output(x, weight, bias, task_bias, runs, row_weights) -> tuple[torch.T
             rows.copy_(bias.expand_as(rows))
 
     done = 0
-    for _, sel, start, stop, m, n in runs:
+    for start, stop, m, n, sels in bias_runs(segments):
         if start > done:
             fill_base(y[done:start])
-        y[start:stop].view(m, n, -1).copy_(_run_bias(bias, task_bias, sel, m).unsqueeze(1).expand(m, n, -1))
+        y[start:stop].view(m, n, -1).copy_(_run_bias(bias, task_bias, sels, m).unsqueeze(1).expand(m, n, -1))
         done = stop
     if done < y.shape[0]:
         fill_base(y[done:])
@@ -227,8 +265,8 @@ def lowrank_linear_segments_torch(
     few large calls instead of many small ones. Fastest when the banks are stored so that ``V[t].T`` and
     ``U[t].T`` are contiguous (see ``mass.layers.bank_layout``). Same result as
     :func:`lowrank_linear_torch` for the same grouping."""
-    runs = segment_runs(segments, x.device)
-    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    y, biased = _base_output(x, weight, bias, task_bias, segments, row_weights)
+    runs = segment_runs(segments)
     for slot, sel, start, stop, m, n in runs:
         h = torch.bmm(x[start:stop].reshape(m, n, -1), V[sel].transpose(1, 2))  # (m, n, k)
         h.mul_(S[sel].unsqueeze(1))
@@ -253,8 +291,8 @@ def dense_delta_segments_torch(
 ) -> torch.Tensor:
     """``x Wᵀ + b + Σ_j w_j (x Δ_tjᵀ + task_bias_tj)`` over grouped rows, for whole (not low-rank) weight
     deltas ``(T, out, in)`` such as the patch embedding's; runs of equal segments are one ``baddbmm_``."""
-    runs = segment_runs(segments, x.device)
-    y, biased = _base_output(x, weight, bias, task_bias, runs, row_weights)
+    y, biased = _base_output(x, weight, bias, task_bias, segments, row_weights)
+    runs = segment_runs(segments)
     for slot, sel, start, stop, m, n in runs:
         xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
         w = _segment_weights(row_weights, start, stop, slot, m, n, y.dtype)
@@ -277,14 +315,14 @@ def whole_weight_segments_torch(
     """``x W_tᵀ + b + task_bias_t`` over grouped rows with one whole weight ``(T, out, in)`` per entry: a
     top-1 grouping (each row in exactly one slot-0 segment). One batched GEMM per run of equal segments, the
     biases written first: as many FLOPs as a plain linear, where base plus delta costs twice that."""
-    runs = segment_runs(segments, x.device)
+    runs = segment_runs(segments)
     if any(run[0] != 0 for run in runs) or sum(stop - start for _, _, start, stop, _, _ in runs) != x.shape[0] \
             or any(a[3] != b[2] for a, b in zip(runs, runs[1:])) or (runs and runs[0][2] != 0):
         raise ValueError("whole_weight_segments_torch needs every row in exactly one slot-0 segment, in order")
     y = torch.empty(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
     for _, sel, start, stop, m, n in runs:
         xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
-        b = _run_bias(bias, task_bias, sel, m)
+        b = _run_bias(bias, task_bias, (sel,), m)
         if b is None:
             torch.bmm(xs, weights[sel].transpose(1, 2), out=ys)
         else:
