@@ -73,25 +73,26 @@ def _orthonormal_basis(block: torch.Tensor) -> torch.Tensor:
 LU_MAX_COND = 1e5  # the LU basis is used only when its certified condition bound is at most this (_lu_basis)
 
 
-def _undo_row_swaps(rows: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
-    """``rows`` (…, m, l) put back in the order before LAPACK's row interchanges (row i swapped with row
-    pivots[i] − 1, for i = 0, 1, …): the result X has X[perm[i]] = rows[i]. Only the ≤ 2l rows the swaps touch
-    move, so the permutation is composed on the host from the l pivots (a dict), not over all m rows."""
+def _undo_row_swaps_(rows: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """``rows`` (…, m, l) put back, in place, in the order before LAPACK's row interchanges (row i swapped with
+    row pivots[i] − 1, for i = 0, 1, …): afterwards X[perm[i]] = rows[i]. Only the ≤ 2l rows the swaps touch
+    move, so the permutation is composed on the host from the l pivots (a dict) and only those rows are copied."""
     m, l = rows.shape[-2:]
-    flat_rows = rows.reshape(-1, m, l)
-    dest = torch.arange(m).repeat(flat_rows.shape[0], 1)
+    flat = rows.view(-1, m, l)  # a view (LAPACK's batched factors): the moves below land in ``rows``
+    batch, dest, source = [], [], []
     for b, piv in enumerate(pivots.reshape(-1, pivots.shape[-1]).tolist()):
-        perm: dict = {}
+        perm: dict = {}  # i -> the original row of the factors' row i (absent: i itself)
         for i, p in enumerate(piv):
             p -= 1
             if p != i:
                 perm[i], perm[p] = perm.get(p, p), perm.get(i, i)
-        if perm:
-            dest[b, list(perm)] = torch.tensor(list(perm.values()))
-    flat_dest = (dest + m * torch.arange(dest.shape[0]).unsqueeze(1)).reshape(-1).to(rows.device)
-    out = torch.empty_like(flat_rows).reshape(-1, l)
-    out.index_copy_(0, flat_dest, flat_rows.reshape(-1, l))
-    return out.reshape(rows.shape)
+        batch += [b] * len(perm)
+        source += list(perm)
+        dest += list(perm.values())
+    if batch:
+        b, d, s = (torch.tensor(v, device=rows.device) for v in (batch, dest, source))
+        flat[b, d] = flat[b, s]  # the right side is gathered first: no row is overwritten before it is read
+    return rows
 
 
 def _lu_basis(block: torch.Tensor) -> Optional[torch.Tensor]:
@@ -116,15 +117,14 @@ def _lu_basis(block: torch.Tensor) -> Optional[torch.Tensor]:
     non-finite Y fails the check too).
     """
     m, l = block.shape[-2:]
-    LU, pivots, _ = torch.linalg.lu_factor_ex(block)  # no error on a singular Û: LAPACK leaves L bounded
-    L = LU.tril(-1)
-    L.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    L, pivots, _ = torch.linalg.lu_factor_ex(block)  # no error on a singular Û: LAPACK leaves L bounded
     eye = torch.eye(l, dtype=L.dtype, device=L.device)
+    L[..., :l, :] = L[..., :l, :].tril(-1) + eye  # rows ≥ l of the packed factors hold L alone: kept in place
     top_inverse = torch.linalg.solve_triangular(L[..., :l, :], eye, upper=False, unitriangular=True)
     cond_bound = torch.linalg.matrix_norm(L) * torch.linalg.matrix_norm(top_inverse)
     if not bool((cond_bound <= LU_MAX_COND).all()):
         return None
-    return _undo_row_swaps(L, pivots)
+    return _undo_row_swaps_(L, pivots)
 
 
 def _power_basis(block: torch.Tensor) -> torch.Tensor:
