@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mass
-from mass.banks import merged_needed, routing_mlp_layers, targets
+from mass.banks import add_merged_weights, merged_needed, routing_mlp_layers, targets
 from mass.model import extract_embedding
 
 from conftest import make_setup
@@ -90,15 +90,17 @@ def test_routing_block_mlp_weights_are_never_read_without_prefix_reuse(decompose
     model = mass.MASSModel(copy.deepcopy(pretrained), dec, router=router)
     model.trim_routing_block = trim
     x = images
+    unused = _needs(model, model.routing_layer) - _needs(model, model.routing_layer, reuse_prefix=False)
+    assert len(unused) == 2
+    add_merged_weights(model._layers, unused, len(dec.tasks))  # held whether or not the model built them
     before = _run(model, x)
     merged = _merged(model)
-    unused = _needs(model, model.routing_layer) - _needs(model, model.routing_layer, reuse_prefix=False)
-    assert len(unused) == 2 and all(merged[name] is not None for name in unused)
+    assert all(merged[name] is not None for name in unused)
     _drop_merged(model, unused)
     assert all(_merged(model)[name] is None for name in unused)
     _assert_same(_run(model, x), before)
-    # Asking for prefix reuse afterwards rebuilds them from the banks: the same merged weights as built at
-    # construction (the same fp32 factors, the same tsv_delta call), hence the same outputs.
+    # Asking for prefix reuse afterwards rebuilds them from the banks: the same merged weights as before (the same
+    # fp32 factors, the same tsv_delta call), hence the same outputs as a model built with prefix reuse.
     reused_before = _run(mass.MASSModel(copy.deepcopy(pretrained), dec, router=router, reuse_prefix=True), x)
     view = model.with_router(router, reuse_prefix=True)
     rebuilt = _merged(model)
