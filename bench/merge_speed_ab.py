@@ -8,6 +8,10 @@ ratios. Example (the tree before a change, from git, against the working tree)::
 
     git archive HEAD~1 mass mass_kernels | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     python bench/merge_speed_ab.py /tmp/before . --rounds 5 --threads 2
+
+On a CPU shared with other jobs, ``--threads 1`` gives far steadier ratios: measured here at load 5–8, one
+block's SVDs took 3–42 s per round with 2 threads (OpenMP regions stall whenever a core is taken) but varied by
+a few per cent with 1 thread.
 """
 from __future__ import annotations
 

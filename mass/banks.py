@@ -35,10 +35,15 @@ def targets(layers: dict) -> Iterator[tuple]:
 
 
 def merged_needed(arch: Architecture, order: dict, names, routing_layer: int, keep_merged: str,
-                  first_pass_merged: bool) -> set:
+                  first_pass_merged: bool, reuse_prefix: bool = True) -> set:
     """Which layers need TSV-M weights: all (``keep_merged='all'``), none when the first pass runs θ0, else
     the embeddings, the pre-norm and the blocks up to the (last) routing block. ``names``: the layers' module
-    paths; ``order``: module path -> position in the wrapped model's ``named_modules()``."""
+    paths; ``order``: module path -> position in the wrapped model's ``named_modules()``.
+
+    ``reuse_prefix=False``: the first pass ends at the routing block's MLP input (the trimmed CLS block returns
+    it, or the block's fc1 reads its input and stops the pass before computing anything), so the MLP layers of
+    that block (fc1, fc2) need none. The default (True) keeps them, as the whole routing block runs when its
+    output is replayed by the second pass."""
     if keep_merged == "all":
         return set(names)
     if not first_pass_merged:
@@ -49,7 +54,16 @@ def merged_needed(arch: Architecture, order: dict, names, routing_layer: int, ke
         blk = block_of(arch, name)
         if (blk is not None and blk <= routing_layer) or (blk is None and order[name] < order[first_block]):
             needed.add(name)
+    if not reuse_prefix:
+        needed -= set(routing_mlp_layers(arch, names, routing_layer))
     return needed
+
+
+def routing_mlp_layers(arch: Architecture, names, layer: int) -> list:
+    """Module paths of block ``layer``'s MLP layers among ``names``: ``<block>.mlp.*`` (HF ``fc1``/``fc2``,
+    open_clip ``c_fc``/``c_proj``), the MLP whose first layer is ``arch.fc1[layer]``."""
+    prefix = arch.block_names[layer] + ".mlp."
+    return [name for name in names if name.startswith(prefix)]
 
 
 class TaskBanks(nn.Module):

@@ -155,9 +155,11 @@ def decompose(
                 continue
             theta0 = base[key].to(device=device, dtype=torch.float32)
             k = resolve_rank(rank, tuple(theta0.shape), n_tasks, key)
-            # Every task's delta of this one matrix (T × out × in): the memory held is about one layer's.
-            deltas = torch.stack([src.get(km[key]).to(device=device, dtype=torch.float32) - theta0
-                                  for _, src, km in opened])
+            # Every task's delta of this one matrix (T × out × in): the memory held is about one layer's. Each
+            # difference is written into its slot (no per-task temporaries copied again by a stack).
+            deltas = torch.empty((n_tasks, *theta0.shape), device=device, dtype=torch.float32)
+            for t, (_, src, km) in enumerate(opened):
+                torch.sub(src.get(km[key]).to(device=device, dtype=torch.float32), theta0, out=deltas[t])
             U, S, V = topk_svd(deltas, k, solver, oversample, power_iters)
             out.lowrank[key] = LowRankFactors(U.cpu(), S.cpu(), V.cpu())
             del deltas

@@ -105,10 +105,11 @@ def time_full_merge(name: str, n_tasks: int, solvers: Sequence[str], device: Opt
         tasks = write_tasks(base, n_tasks, folder, seed)
         write_s = time.perf_counter() - t0
         for solver in solvers:
+            fresh = copy.deepcopy(pretrained)  # mass.merge wraps the caller's model in place: the copy is not timed
             t0 = time.perf_counter()
             dec = decompose(pretrained, tasks, solver=solver, device=device, progress=False)
             t1 = time.perf_counter()
-            model = MASSModel(copy.deepcopy(pretrained), dec)
+            model = MASSModel(fresh, dec)
             t2 = time.perf_counter()
             shapes = {(tuple(f.U.shape[1:2]) + tuple(f.V.shape[2:]), f.rank) for f in dec.lowrank.values()}
             row = {"kind": "merge", "mode": "full", "model": name, "n_tasks": n_tasks, "solver": solver,

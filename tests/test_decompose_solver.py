@@ -19,7 +19,11 @@ import torch
 import mass
 from mass.decompose import LowRankFactors
 from mass.merging import polar_factor, tsv_delta, tsv_factors
+import mass.svd_solvers as svd_solvers
 from mass.svd_solvers import (
+    LU_MAX_COND,
+    _lu_basis,
+    _power_basis,
     accuracy_vs_full,
     choose_solver,
     default_oversample,
@@ -46,14 +50,24 @@ def _range_finder_bound(m, n, k, p, q, sigma_k1, sigma_1):
     return C ** (1 / (2 * q + 1)) * sigma_k1 + 10 * math.sqrt(m * n) * U32 * sigma_1
 
 
-def test_randomized_keeps_the_subspace_when_the_spectrum_has_a_gap():
+def _count_qr(monkeypatch) -> list:
+    """Spy on the solver's Householder QR: the list grows by one per call."""
+    calls = []
+    qr = svd_solvers._orthonormal_basis
+    monkeypatch.setattr(svd_solvers, "_orthonormal_basis", lambda block: calls.append(1) or qr(block))
+    return calls
+
+
+def test_randomized_keeps_the_subspace_when_the_spectrum_has_a_gap(monkeypatch):
     m, n, k, q = 384, 320, 24, 2
     p = default_oversample(k)
     head = torch.linspace(2.0, 1.0, k)
     tail = torch.logspace(-2, -3, min(m, n) - k)  # σ_{k+1} = 0.01 σ_k
     sigma = torch.cat([head, tail])
     A = _with_spectrum(m, n, sigma)
+    qr_calls = _count_qr(monkeypatch)
     U, S, Vh = randomized_topk(A, k, p, q)
+    assert len(qr_calls) == 1  # the 2q intermediate bases came from LU (certified), only the last from QR
     acc = accuracy_vs_full(A, (U, S, Vh))
     eps = _range_finder_bound(m, n, k, p, q, float(tail[0]), float(head[0]))
     wedin = eps / (float(head[-1]) - float(tail[0]) - eps)
@@ -302,3 +316,93 @@ def test_topk_svd_of_transpose_is_an_svd_of_the_wide_matrix():
     # ‖B − approx‖₂ ≤ σ_{k+1} + ε (backward stability) and ‖B − best‖₂ = σ_{k+1}
     assert float(torch.linalg.matrix_norm(B.double() - approx, ord=2)) <= float(sigma[k]) + eps
     assert float((approx - best).norm()) <= 2 * math.sqrt(2 * k) * eps / float(sigma[k - 1] - sigma[k]) * float(sigma[0])
+
+
+# ------------------------------------------------------------------------- LU bases inside the power iterations
+def _lu_parts(Y: torch.Tensor):
+    """The packed LU factors of Y as fp64 L (unit lower trapezoidal, LAPACK's row order) and U."""
+    LU, _, _ = torch.linalg.lu_factor_ex(Y)
+    l = Y.shape[-1]
+    L = LU.double().tril(-1) + torch.eye(Y.shape[-2], l, dtype=torch.float64)
+    return L, LU.double()[..., :l, :].triu()
+
+
+def _outside_span(basis: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """‖(I − Π) Y‖_F per batch entry, Π the orthogonal projector on span(basis) (fp64)."""
+    Q = torch.linalg.qr(basis.double()).Q
+    Y = Y.double()
+    return torch.linalg.matrix_norm(Y - Q @ (Q.mT @ Y))
+
+
+def _lu_span_bound(Y: torch.Tensor) -> torch.Tensor:
+    """P L Û = Y + E with |E| ≤ γ_l |L| |Û| (Higham, Thm 9.3): ‖(I − Π) Y‖_F = ‖(I − Π) E‖_F ≤ ‖ |L| |Û| ‖_F γ_l
+    for Π the projector on span(P L); the fp64 projection adds 10 √(ml) u64 ‖Y‖_F, doubled for safety."""
+    L, U = _lu_parts(Y)
+    m, l = Y.shape[-2:]
+    return (gamma(l) * torch.linalg.matrix_norm(L.abs() @ U.abs())
+            + 20 * math.sqrt(m * l) * U64 * torch.linalg.matrix_norm(Y.double()))
+
+
+def test_lu_basis_is_p_l_and_spans_the_block():
+    """Full column rank: the basis is P L exactly (torch.linalg.lu's, without the m × m P), P L Û reproduces Y
+    within the backward error, and Y lies in its span within that bound."""
+    Y = torch.randn(3, 500, 40, generator=torch.Generator().manual_seed(11))
+    X = _lu_basis(Y)
+    assert X is not None and X.shape == Y.shape
+    P, L, _ = torch.linalg.lu(Y)
+    assert torch.equal(X, P @ L)  # a permutation of rows: exact
+    assert bool((_outside_span(X, Y) <= _lu_span_bound(Y)).all())
+
+
+def test_lu_basis_of_a_rank_deficient_block_still_contains_its_span():
+    """Rank 12 < 40 columns (Û singular up to rounding): no pivot is divided by, the basis keeps full column rank
+    (unit diagonal, entries ≤ 1) and its span contains Y's within the LU backward error."""
+    g = torch.Generator().manual_seed(12)
+    Y = torch.randn(2, 300, 12, generator=g) @ torch.randn(2, 12, 40, generator=g)
+    X = _lu_basis(Y)
+    assert X is not None and bool(torch.isfinite(X).all())
+    assert float(X.abs().max()) <= 1.0
+    assert bool((_outside_span(X, Y) <= _lu_span_bound(Y)).all())
+    # full column rank, as certified: σ_min(X) ≥ ‖L‖_F / LU_MAX_COND ≥ √l / LU_MAX_COND (unit diagonal). (The
+    # certified bound was 470–660 over 200 seeds of such blocks, far below LU_MAX_COND: X is not None above.)
+    assert float(torch.linalg.svdvals(X.double()).min()) >= math.sqrt(40) / LU_MAX_COND
+    zero = _lu_basis(torch.zeros(300, 20))  # a zero delta: every pivot exactly zero
+    assert zero is not None and torch.equal(zero, torch.eye(300, 20))
+
+
+def test_power_basis_falls_back_to_qr_when_the_lu_factor_is_ill_conditioned():
+    """Wilkinson's growth matrix (1 on the diagonal, −1 below, 1 in the last column; no row swaps): L has −1
+    below its diagonal, so ‖L₁⁻¹‖_F ≥ 2^(l−2) (an entry of L₁⁻¹) and the certified bound is far above
+    LU_MAX_COND: no LU basis, and the power iteration's basis is exactly the Householder QR's."""
+    l = 40
+    W = torch.eye(l) - torch.ones(l, l).tril(-1)
+    W[:, -1] = 1.0
+    Y = torch.cat([W, torch.zeros(60, l)])
+    assert 2.0 ** (l - 2) > LU_MAX_COND
+    assert _lu_basis(Y) is None
+    assert _lu_basis(torch.full((50, 4), float("nan"))) is None  # non-finite: not certified either
+    assert torch.equal(_power_basis(Y), torch.linalg.qr(Y).Q)
+
+
+def test_randomized_recovers_a_matrix_of_exact_low_rank_below_the_sketch_width(monkeypatch):
+    """Rank r = 30 < l = k + p = 40 (k = 20): the sketch A·Ω has rank r, so its LU factor is singular up to
+    rounding (the case where forming Y U⁻¹ would divide by rounding-level pivots). The range finder still
+    captures all of A's range: in the bound of the module docstring the term C σ_{r+1} vanishes (p' = l − r =
+    10 ≥ 2), leaving ε' = FP32_SLACK; hence singular values within ε' (Weyl), the kept subspace within Wedin's
+    ε' / (σ_k − σ_{k+1} − ε') and a spectral error within σ_{k+1} + ε'."""
+    m, n, k, r = 320, 288, 20, 30
+    sigma = torch.cat([torch.linspace(2.0, 1.0, k), torch.linspace(0.1, 0.05, r - k)])  # gap 10 at k
+    A = _with_spectrum(m, n, sigma, seed=13)
+    qr_calls = _count_qr(monkeypatch)
+    U, S, Vh = randomized_topk(A, k, oversample=20)
+    assert len(qr_calls) == 1  # the LU path was taken throughout (rank deficiency needs no fallback)
+    eps = 10 * math.sqrt(m * n) * U32 * float(sigma[0])
+    assert float((S.double() - sigma[:k].double()).abs().max()) <= eps
+    acc = accuracy_vs_full(A, (U, S, Vh))
+    wedin = eps / (float(sigma[k - 1] - sigma[k]) - eps)
+    # the sine is measured between fp32 factors, orthonormal within δ = 10 √m u (√ model): UᵀU = I + F gives
+    # sin² ≤ sin_exact² + ‖F‖₂, so the measure's floor is √(2δ) (as in test_merge_speed_accuracy)
+    assert acc["subspace_U"] <= wedin + math.sqrt(2 * 10 * math.sqrt(m) * U32)
+    assert acc["subspace_V"] <= wedin + math.sqrt(2 * 10 * math.sqrt(n) * U32)
+    spectral_err = float(torch.linalg.matrix_norm(A.double() - (U.double() * S.double()) @ Vh.double(), ord=2))
+    assert spectral_err <= float(sigma[k]) + eps
