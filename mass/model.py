@@ -138,7 +138,7 @@ class MASSModel(nn.Module):
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         layers = plan_layers(model, arch, state)
         needs = merged_needed(arch, order, list(layers), routing_layers[-1], keep_merged,
-                              router.features == "merged" or reuse_prefix)
+                              router.features == "merged", reuse_prefix=reuse_prefix)
         banks = build_banks(arch, layers, decomposition, model, state, needs, keep_merged, max_cached_combos)
         banks.set_heads(heads)
         basis = routing_basis([decomposition.lowrank[_fc1_key(arch, layer)] for layer in routing_layers], router.norm)
@@ -192,7 +192,7 @@ class MASSModel(nn.Module):
         basis = routing_basis([layer_factors(layer, T) for layer in fc1], router.norm).to(self.routing_basis.device)
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
         needs = merged_needed(self.arch, order, list(self._layers), routing_layers[-1], self.keep_merged,
-                              router.features == "merged" or reuse_prefix)
+                              router.features == "merged", reuse_prefix=reuse_prefix)
         with _VIEWS_LOCK:
             add_merged_weights(self._layers, needs, T)
         view = MASSModel.__new__(MASSModel)

@@ -122,3 +122,17 @@ def test_pretrained_features_read_no_merged_weights(decomposed, images, reuse_pr
     _drop_merged(model, set(model._layers))
     _assert_same(_run(model, images), before)
 
+
+
+def test_merge_builds_no_routing_mlp_weights_without_prefix_reuse(decomposed):
+    """What MASSModel builds: without prefix reuse the routing block's MLP gets no merged weights; with it, it
+    does; with pretrained routing features no layer gets any (no pass reads them)."""
+    pretrained, dec = decomposed["hf"]
+    lean = mass.MASSModel(copy.deepcopy(pretrained), dec, router=mass.RouterConfig(layer=2))
+    mlp = routing_mlp_layers(lean.arch, list(lean._layers), 2)
+    assert len(mlp) == 2 and all(_merged(lean)[n] is None for n in mlp)
+    full = mass.MASSModel(copy.deepcopy(pretrained), dec, router=mass.RouterConfig(layer=2), reuse_prefix=True)
+    assert all(_merged(full)[n] is not None for n in mlp)
+    pre = mass.MASSModel(copy.deepcopy(pretrained), dec, router=mass.RouterConfig(layer=2, features="pretrained"),
+                         reuse_prefix=True)
+    assert all(w is None for w in _merged(pre).values())

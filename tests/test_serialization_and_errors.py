@@ -110,6 +110,18 @@ def test_checkpoint_key_and_shape_mismatches_are_reported():
         mass.merge(copy.deepcopy(pretrained), {**finetuned, "task2": sd}, progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    from mass.checkpoints import all_finite
+
+    assert all_finite(torch.randn(7, 9).to(dtype)) and all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 31, 62):  # first, middle, last element
+            t = torch.randn(7, 9).to(dtype)
+            t.view(-1)[pos] = bad
+            assert not all_finite(t), (bad, pos)
+
+
 def test_nan_and_inf_in_checkpoint_are_reported(tmp_path):
     pretrained, finetuned, _ = make_setup("hf")
     sd = {k: v.clone() for k, v in finetuned["task0"].items()}
