@@ -38,7 +38,7 @@ ROW_LABELS = {
     "mass[recommended]": "MASS, recommended router (θ0 features, top-1)",
     "mass[energy]": "MASS, recommended + per-task energy calibration (no data)",
     "mass[few-example]": "MASS, few-example router (32 unlabelled images per task)",
-    "mass[few-example-last]": "MASS, few-example router at the last block (uncentred)",
+    "mass[few-example-last]": "MASS, few-example router at the last block (whitened, centred)",
     "mass_oracle": "MASS, own task forced (routing oracle)",
 }
 
