@@ -244,6 +244,14 @@ class ComboCache:
         gen = self._generation
         return 0 if gen is None else len(gen.entries)
 
+    def tensors(self) -> list:
+        """The tensors of the published generation: each bank extended with the cached sets (a new tensor that
+        holds the tasks' entries too, so caching a first set copies the banks)."""
+        gen = self._generation
+        if gen is None:
+            return []
+        return [t for held in gen.banks.values() for t in vars(held).values() if isinstance(t, torch.Tensor)]
+
     def resolve(self, combos: set) -> Generation:
         """A generation holding every set in ``combos`` (tuples of sorted task ids, each of length ≥ 2)."""
         gen = self._generation

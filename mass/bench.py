@@ -290,6 +290,8 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                                provider=p, setup_s=setup_s, **info.get(key, {"status": "skipped", "reason": None}))
                     rec["stored_vs_pretrained"] = stored[p]
                     rec["resident_bytes"] = held[p]
+                    if p in ("ours", "ours_graph"):  # grown by every mode's calls so far (the views share them)
+                        rec["cached_bytes"] = tensor_bytes(*mm.cached_tensors())
                     if key in timings:
                         rec.update(timings[key])
                         rec["ratio_to_plain"] = rec["median_ms"] / floor if floor else None
@@ -523,6 +525,14 @@ def summary_markdown(report: dict, stem: str) -> str:
               "Resident bytes of ours/authors include the TSV-M weights of every block (built with "
               "keep_merged='all' so the authors' full merged pass can run on the same object); the default "
               "keep_merged='prefix' holds them only up to the routing block."]
+    cached = [r for r in report["results"] if r.get("cached_bytes")]
+    if cached:
+        most = max(cached, key=lambda r: r["cached_bytes"])
+        lines += ["", f"Not in the resident column: caches that calls grow (the multi-task sets' extended banks, "
+                      f"which copy the task banks when a first set is cached, and the CPU patch embedding's per-set "
+                      f"weights), shared by the router modes of one model: up to {_mib(most['cached_bytes'])} MiB "
+                      f"({most['model']}, T={most['n_tasks']}, after the batch-{most['batch']} calls; "
+                      f"`cached_bytes` in the JSON)."]
     from .svd_merge_bench import merge_markdown
 
     if not report["results"]:  # merges only: title and environment

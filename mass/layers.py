@@ -67,6 +67,10 @@ class _TaskModule(nn.Module):
         for name in names:
             self.register_buffer(name, None, persistent=False)
 
+    def cached_tensors(self) -> list:
+        """Tensors a cache of this layer holds outside its parameters and buffers (none by default)."""
+        return []
+
     def set_weight_deltas(self, deltas: torch.Tensor) -> None:
         """Install the bank of whole weight deltas ``(entries, *weight.shape)``."""
         self.task_weight = deltas
@@ -297,6 +301,11 @@ class MASSConv2d(_TaskModule):
                     cache = self._extend_group_cache(cache if current(cache) else None, sources, stamp, wanted)
                     self._fine_tuned_sets = cache
         return cache[3], cache[4], [cache[2][g] for g in groups]
+
+    def cached_tensors(self) -> list:
+        """The per-set whole patch weights and biases cached by :meth:`_group_whole_weights` (not buffers)."""
+        cache = self._fine_tuned_sets
+        return [] if cache is None else [t for t in cache[3:] if t is not None]
 
     def _extend_group_cache(self, cache, sources: tuple, stamp: tuple, wanted: list) -> tuple:
         """A new group cache: ``cache``'s groups (if it is current and there is room) plus the missing ones of

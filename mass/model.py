@@ -251,6 +251,15 @@ class MASSModel(nn.Module):
             return x.select(seq_axis, 0)
         return x.mean(seq_axis)
 
+    def cached_tensors(self) -> list:
+        """Tensors that caches grown by calls hold outside the module's parameters and buffers: the cached
+        multi-task sets' extended banks (``topk``/``weighted`` with several tasks) and the CPU patch embedding's
+        per-set whole weights. Count them with the module's tensors for the memory a served model holds."""
+        held = self.banks.combos.tensors()
+        for layer in self._layers.values():
+            held += layer.cached_tensors()
+        return held
+
     def _first_pass(self, *inputs, **kwargs) -> tuple[torch.Tensor, object]:
         """Run the first-pass model until the last routing block's MLP input (or, with prefix reuse, that
         block's output). Returns the routing features (G, B, D) and the block output (or None)."""
