@@ -282,6 +282,7 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                 floor = timings.get("plain", {}).get("median_ms")
                 groups = int(ids.unique().numel())
                 held = resident()
+                cached = tensor_bytes(*mm.cached_tensors())  # grown by every mode's calls so far (shared)
                 for key in [p for p in fns if p.split("@")[0] in args.providers] + \
                         [p for p in info if p not in fns]:
                     p, _, mode = key.partition("@")
@@ -290,8 +291,8 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                                provider=p, setup_s=setup_s, **info.get(key, {"status": "skipped", "reason": None}))
                     rec["stored_vs_pretrained"] = stored[p]
                     rec["resident_bytes"] = held[p]
-                    if p in ("ours", "ours_graph"):  # grown by every mode's calls so far (the views share them)
-                        rec["cached_bytes"] = tensor_bytes(*mm.cached_tensors())
+                    if p in ("ours", "ours_graph"):
+                        rec["cached_bytes"] = cached
                     if key in timings:
                         rec.update(timings[key])
                         rec["ratio_to_plain"] = rec["median_ms"] / floor if floor else None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import Checkpoint, CheckpointError, open_checkpoint, open_finetuned
+from .checkpoints import Checkpoint, CheckpointError, all_finite, open_checkpoint, open_finetuned
 from .svd_solvers import DEFAULT_POWER_ITERS, check_solver_options, choose_solver, full_topk, topk_svd
 
 Rank = Union[int, float, None]
@@ -139,7 +139,7 @@ def decompose(
     device = _resolve_device(device)
     base = _state_dict_of(pretrained)
     for key, value in base.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not all_finite(value):
             raise CheckpointError(f"checkpoint 'pretrained': tensor {key!r} contains NaN or Inf")
     float_keys, opened = open_finetuned(base, finetuned)
     tasks = [name for name, _, _ in opened]

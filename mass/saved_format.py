@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from .checkpoints import all_finite
 from .decompose import LowRankFactors, TaskDecomposition
 from .router import NORMS, RouterConfig
 
@@ -249,7 +250,7 @@ def _split_names(tensors: Mapping[str, torch.Tensor]):
 
 def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     for name, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not all_finite(value):
             raise SavedModelError(f"saved tensors: {name!r} contains NaN or Inf")
 
 
