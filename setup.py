@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mass", "mass.*", "mass_kernels", "mass_kernels.*"]),
-    package_data={"mass.demo": ["assets/pretrained_clip/*"]},  # the demo's committed pretrained CLIP
+    package_data={"mass.tools.demo": ["assets/pretrained_clip/*"]},  # the demo's committed pretrained CLIP
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -30,5 +30,5 @@ setup(
             "datasets>=2.14",
         ],
     },
-    entry_points={"console_scripts": ["mass=mass.cli:main"]},
+    entry_points={"console_scripts": ["mass=mass.tools.cli:main"]},
 )

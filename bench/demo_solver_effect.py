@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 import mass
-from mass._benchutil import git_commit
-from mass.demo.run import demo_routers
-from mass.demo.training import DemoConfig, prepare_demo
-from mass.evaluation import head_logits, routed_correct
-from mass.merging import tsv_merge_from_decomposition
-from mass.model import extract_embedding
+from mass.tools.common import git_commit
+from mass.tools.demo.run import demo_routers
+from mass.tools.demo.training import DemoConfig, prepare_demo
+from mass.evaluation.protocol import head_logits, routed_correct
+from mass.method.merging import tsv_merge_from_decomposition
+from mass.nn.model import extract_embedding
 
 ROUTERS = ("paper", "top1", "recommended")
 

@@ -1,7 +1,7 @@
 """Few-example router variants, chosen on validation, then measured once on test (docs/router_study.md §9).
 
 Per seed (0-2 of ``mass demo``, cached towers; nothing is retrained): support = the first 32 of one random
-permutation of each task's training images, validation = the next 250 (``mass.demo.support_study._split``;
+permutation of each task's training images, validation = the next 250 (``mass.tools.demo.support_study.split_support_validation``;
 disjoint from the support, never a test image). Phase 1 (validation only): top-1 routing accuracy of every
 variant (block(s), rank, centring, ``whiten``) on 8 tasks, and its unknown-task detector at the default
 threshold (6 tasks merged and calibrated; the validation images of the 6 and of the 2 others). Phase 2: the
@@ -22,8 +22,8 @@ import statistics
 import torch
 
 import mass
-from mass.demo.support_study import _evaluate_mass, _split
-from mass.demo.training import DemoConfig, prepare_demo
+from mass.tools.demo.support_study import evaluate_mass, split_support_validation
+from mass.tools.demo.training import DemoConfig, prepare_demo
 
 N_SUPPORT = 32
 WHITEN = (0.0, 0.2, 0.5, 0.8)
@@ -54,7 +54,7 @@ class Seed:
                                    heads=self.art.heads)
         dec6 = mass.decompose(self.art.pretrained, {t: self.art.finetuned[t] for t in names[:6]}, progress=False)
         self.base6 = mass.MASSModel(copy.deepcopy(self.art.pretrained), dec6, router=mass.RouterConfig(layer=4))
-        pools, val = _split(self.art, seed)
+        pools, val = split_support_validation(self.art, seed)
         self.support = {t: pools[t][:N_SUPPORT] for t in names}
         self.images = {"val": [val[t] for t in names], "test": [t.test_images for t in self.art.tasks]}
         self.labels = {s: torch.cat([torch.full((x.shape[0],), i) for i, x in enumerate(imgs)])
@@ -67,20 +67,20 @@ class Seed:
             probe = self.base.with_router(mass.RouterConfig(layers=list(layers), features="pretrained", mode="top1"))
             x = torch.cat(self.images[split])
             with torch.no_grad():  # (G, B, D) routing features of the probe's blocks, read once per split
-                self._feats[key] = torch.cat([probe._first_pass(pixel_values=x[i:i + 500])[0]
+                self._feats[key] = torch.cat([probe.first_pass(pixel_values=x[i:i + 500])[0]
                                               for i in range(0, x.shape[0], 500)], 1)
         return self._feats[key]
 
     def routing(self, v, split):
         m = self.base.calibrate(self.support, _router(v))
-        ids = m._route_features(self.feats(split, v["layers"])).task_ids[:, 0]
+        ids = m.route_features(self.feats(split, v["layers"])).task_ids[:, 0]
         return (ids == self.labels[split]).double().mean().item()
 
     def unknown(self, v, split):
         """(share of the 2 foreign tasks' images flagged, share of the 6 merged tasks' images flagged)."""
         names = self.art.task_names
         m = self.base6.calibrate({t: self.support[t] for t in names[:6]}, _router(v, unknown="pretrained"))
-        flagged = m._route_features(self.feats(split, v["layers"])).unknown
+        flagged = m.route_features(self.feats(split, v["layers"])).unknown
         inside = self.labels[split] < 6
         return flagged[~inside].double().mean().item(), flagged[inside].double().mean().item()
 
@@ -166,7 +166,7 @@ def main():
         rows = []
         for s in args.seeds:
             S = seeds[s]
-            full = _evaluate_mass(S.base.calibrate(S.support, _router(v)), S.art)
+            full = evaluate_mass(S.base.calibrate(S.support, _router(v)), S.art)
             names = S.art.task_names
             norm = sum(full["acc"][t] / S.art.metrics[t]["finetuned_acc"] for t in names) / len(names)
             f, w = S.unknown(v, "test")

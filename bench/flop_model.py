@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mass.bench import MODEL_CONFIGS  # noqa: E402
+from mass.tools.bench.models import MODEL_CONFIGS  # noqa: E402
 
 GFLOP = 1e9
 
@@ -124,7 +124,7 @@ def model_ratios(name: str = "B32", n_tasks: int = 8, batch: int = 16, routing_l
 
 def _paper_layer(n_blocks: int) -> int:
     """The router's default block (``RouterConfig``: 9 of 12, 20 of 24, else 3/4 of the depth)."""
-    from mass.router import RouterConfig
+    from mass.method.router import RouterConfig
 
     return RouterConfig().resolved_layers(n_blocks)[-1]
 

@@ -88,7 +88,7 @@ def stage_plan(out: str, dry_run: bool, python: str = sys.executable) -> dict:
         argv = ([python, me, "--child-microbench"] + (["--tiny"] if dry_run else []) + ["--"]
                 + micro_argv(T, folder, dry_run))
         plan[f"micro_t{T}"] = (argv, interp, f"micro_t{T}")
-    plan["e2e"] = ([python, "-m", "mass.bench"] + e2e_argv(os.path.join(out, "e2e"), dry_run), interp, "e2e")
+    plan["e2e"] = ([python, "-m", "mass.tools.bench.e2e"] + e2e_argv(os.path.join(out, "e2e"), dry_run), interp, "e2e")
     return plan
 
 
@@ -323,7 +323,7 @@ def plot(report: dict, path: str) -> bool:
 def run(out: str, dry_run: bool, total_budget_s: float = TOTAL_BUDGET_S, stages=None, budgets=None) -> dict:
     import torch
 
-    from mass._benchutil import environment
+    from mass.tools.common import environment
 
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_run.py: no CUDA GPU here (use --dry-run to rehearse on the CPU)")

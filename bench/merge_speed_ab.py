@@ -1,6 +1,6 @@
 """Merge time of two source trees, measured interleaved on one machine (A/B), for a shared, noisy CPU.
 
-Each round runs ``mass.svd_merge_bench.time_block_merge`` (one transformer block's SVDs and TSV-M
+Each round runs ``mass.tools.bench.svd_merge.time_block_merge`` (one transformer block's SVDs and TSV-M
 orthogonalisations, all tasks, times the number of blocks) or ``time_full_merge`` (``--full``: ``mass.merge`` of
 synthetic checkpoints with lazy reads) once per tree, in a fresh process whose ``PYTHONPATH`` is that tree,
 alternating the order every round; the report gives each tree's median and range and the median of the per-round
@@ -25,7 +25,7 @@ import sys
 CHILD = """
 import json, sys, torch
 torch.set_num_threads({threads})
-from mass.svd_merge_bench import time_block_merge, time_full_merge
+from mass.tools.bench.svd_merge import time_block_merge, time_full_merge
 if {full}:
     rows = time_full_merge({model!r}, {tasks}, [{solver!r}], accuracy=False)
 else:

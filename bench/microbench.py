@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mass_kernels  # noqa: E402
-from mass._benchutil import (  # noqa: E402
+from mass.tools.common import (  # noqa: E402
     add_malloc_argument,
     device_slug,
     environment,

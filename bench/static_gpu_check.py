@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     subset = "ci" if args.ci else "quick" if args.quick else "full"
     results = run(subset, args.jobs)
-    from mass._benchutil import git_commit
+    from mass.tools.common import git_commit
 
     result = {"kind": "static-gpu-check", "triton": triton.__version__, "subset": subset, "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.perf_counter() - t0, 1),

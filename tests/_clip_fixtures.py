@@ -63,7 +63,7 @@ def save_clip(directory, clip, tokenizer):
 def finetuned_towers(vision, n_tasks: int, scale: float = 0.05, seed: int = 3) -> dict[str, dict]:
     """Fine-tuned state dicts of a vision encoder with a projection: every parameter of the tower moved by
     noise of relative size ``scale``; ``visual_projection`` left unchanged, as public fine-tuned towers do."""
-    from mass.testing import finetuned_like
+    from mass.method.synthetic import finetuned_like
 
     out = {}
     for name, sd in finetuned_like(vision, n_tasks, scale=scale, seed=seed).items():
@@ -87,7 +87,7 @@ _INNER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "
 
 
 def hf_to_openclip(sd: dict, prefix: str = "visual.") -> dict:
-    """The inverse of mass.convert (test-only): HF CLIP vision names → open_clip names under ``prefix``,
+    """The inverse of mass.files.openclip (test-only): HF CLIP vision names → open_clip names under ``prefix``,
     q/k/v fused into ``in_proj``, ``visual_projection`` transposed into ``proj``."""
     out, fused = {}, {}
     for key, value in sd.items():

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from mass.testing import OpenCLIPStyleViT, finetuned_like, tiny_hf_clip
+from mass.method.synthetic import OpenCLIPStyleViT, finetuned_like, tiny_hf_clip
 
 ARCHS = ["hf", "hf_proj", "openclip_bf", "openclip_sf"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

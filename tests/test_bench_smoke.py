@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from mass import bench
-from mass.testing import random_decomposition, tiny_hf_clip
+from mass.tools.bench import e2e as bench
+from mass.method.synthetic import random_decomposition, tiny_hf_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_microbench_catches_a_wrong_provider(monkeypatch):
 
 def test_cpu_peak_memory_counts_tensor_allocations():
     """Peak of tensors alive together during the call (frees included), whatever the allocator keeps mapped."""
-    from mass._benchutil import peak_memory
+    from mass.tools.common import peak_memory
 
     def work():
         a = torch.ones(1000, 1000)  # 4 MB
@@ -130,7 +130,7 @@ def test_retain_freed_memory_in_a_fresh_process():
     tried in a child process, not in the test session)."""
     import platform
 
-    code = "from mass._benchutil import retain_freed_memory; print(retain_freed_memory())"
+    code = "from mass.tools.common import retain_freed_memory; print(retain_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     said = out.stdout.strip().splitlines()[-1]
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -141,7 +141,7 @@ def test_retain_freed_memory_in_a_fresh_process():
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_git_commit_is_dirty_for_code_changes_not_for_written_results(tmp_path):
-    from mass._benchutil import git_commit
+    from mass.tools.common import git_commit
 
     repo = tmp_path / "repo"
     (repo / "bench" / "results").mkdir(parents=True)
@@ -167,7 +167,7 @@ def test_peak_memory_keeps_the_profilers_native_log_off_stderr():
     """In a child process, so the descriptors of the test session are not touched: nothing the profiler logs
     reaches stderr, and stderr works again afterwards."""
     code = ("import sys, torch\n"
-            "from mass._benchutil import peak_memory\n"
+            "from mass.tools.common import peak_memory\n"
             "got = peak_memory(lambda: torch.ones(1000, 1000).sum(), torch.device('cpu'))\n"
             "print('after', file=sys.stderr)\n"
             "print(got['peak_above_start_bytes'])\n")

@@ -3,8 +3,8 @@
 import torch
 
 import mass
-from mass._benchutil import tensor_bytes
-from mass.layers import MASSConv2d
+from mass.tools.common import tensor_bytes
+from mass.nn.layers import MASSConv2d
 
 from conftest import make_setup
 

@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 import mass
-from mass.cli import main
-from mass.convert import openclip_to_hf
-from mass.testing import OpenCLIPStyleViT, finetuned_like
+from mass.tools.cli.main import main
+from mass.files.openclip import openclip_to_hf
+from mass.method.synthetic import OpenCLIPStyleViT, finetuned_like
 
 from _tolerances import assert_within, encoder_bound
 
@@ -116,7 +116,8 @@ def test_cli_merge_with_support(checkpoints, capsys):
 def test_cli_router_presets_and_overrides():
     """``mass merge --router`` gives the named RouterConfig preset; an explicit routing flag overrides only its
     own field."""
-    from mass.cli import build_parser, router_from_args
+    from mass.tools.cli.main import build_parser
+    from mass.tools.cli.merge import router_from_args
 
     def router(*flags):
         return router_from_args(build_parser().parse_args(["merge", "--pretrained", "p", "--finetuned", "a=x",

@@ -1,4 +1,4 @@
-"""What CLIP users bring (mass.clip): CLIPModel, vision models, fine-tuned towers in every saved form,
+"""What CLIP users bring (mass.nn.clip): CLIPModel, vision models, fine-tuned towers in every saved form,
 open_clip names, hub ids offline."""
 import copy
 import warnings
@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mass
-import mass.clip
+import mass.nn.clip
 from _clip_fixtures import (finetuned_towers, hf_to_openclip, save_clip, tiny_clip, without_projection,
                             write_tokenizer)
-from mass.checkpoints import CheckpointError, open_finetuned
-from mass.clip import HubUnavailableError, load_vision, mmap_safetensors, prepare, vision_encoder
+from mass.files.checkpoints import CheckpointError, open_finetuned
+from mass.files.hub import HubUnavailableError
+from mass.nn.clip import load_vision, mmap_safetensors, prepare, vision_encoder
 from _tolerances import assert_within, encoder_bound
 
 
@@ -141,7 +142,7 @@ def test_merge_accepts_a_clip_model_and_reproduces_the_finetuned_tower(setup):
     others = finetuned_towers(vision_encoder(clip), 2, scale=0.2, seed=7)
     finetuned = {"task0": without_projection(ft), "a": others["task0"], "b": others["task1"]}
     with pytest.warns(UserWarning, match="visual_projection.weight"):
-        model = mass.clip.merge(clip, finetuned, rank=1.0, progress=False)  # full rank: blocks are exact
+        model = mass.merge(clip, finetuned, rank=1.0, progress=False)  # full rank: blocks are exact
     assert model.model.vision_model is clip.vision_model  # the CLIP model's own tower was wrapped
     reference = vision_encoder(copy.deepcopy(clip))
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -182,7 +183,7 @@ def test_checkpoints_that_do_not_fit_are_refused(setup):
     with pytest.raises(CheckpointError, match="shape"):  # re-keyed here
         prepare(copy.deepcopy(clip), {"t": without_projection(wrong)})
     with pytest.raises(CheckpointError, match="shape"):  # passed through, refused by the decomposition
-        mass.clip.merge(copy.deepcopy(clip), {"t": wrong}, progress=False)
+        mass.merge(copy.deepcopy(clip), {"t": wrong}, progress=False)
     for missing in ("/nonexistent/dir/model.safetensors", "ckpts/cars.safetensors"):  # paths, not hub ids
         with pytest.raises(CheckpointError, match="no such file"):
             prepare(copy.deepcopy(clip), {"t": missing})
@@ -197,11 +198,11 @@ def test_hub_ids_offline_fail_with_one_clear_error(setup, monkeypatch, tmp_path,
         load_vision("openai/clip-vit-base-patch32")
     with pytest.raises(HubUnavailableError, match=r"tanganke/clip-vit-base-patch32_mnist.*HF_HUB_OFFLINE"):
         prepare(copy.deepcopy(clip), {"mnist": "tanganke/clip-vit-base-patch32_mnist"})
-    from mass.data import ClipPreprocess, load_task_data
+    from mass.evaluation.data import ClipPreprocess, load_task_data
 
     with pytest.raises(HubUnavailableError, match=r"tanganke/eurosat.*HF_HUB_OFFLINE"):
         load_task_data("tanganke/eurosat", ClipPreprocess(), "eurosat")
-    from mass.eval_cli import main
+    from mass.tools.cli.eval import main
 
     assert main(["--preset", "vit-b-32-8", "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err

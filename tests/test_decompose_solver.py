@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import mass
-from mass.decompose import LowRankFactors
-from mass.merging import polar_factor, tsv_delta, tsv_factors
-import mass.svd_solvers as svd_solvers
-from mass.svd_solvers import (
+from mass.method.decompose import LowRankFactors
+from mass.method.merging import polar_factor, tsv_delta, tsv_factors
+import mass.method.svd_solvers as svd_solvers
+from mass.method.svd_solvers import (
     LU_MAX_COND,
     _lu_basis,
     _power_basis,
@@ -299,12 +299,12 @@ def test_topk_svd_of_transpose_is_an_svd_of_the_wide_matrix():
     """The randomised solver's last step (SVD of the l × n matrix QᵀA from a QR of its transpose): singular
     values within Weyl's bound of the fp64 ones (backward error 10 √(ln) u ‖B‖₂ for the QR and the small SVD,
     doubled), orthonormal factors, and B's rank-k truncation reproduced within the same slack."""
-    from mass.svd_solvers import _topk_svd_of_transpose
+    from mass.method.svd_solvers import topk_svd_of_transpose
 
     l, n, k = 40, 300, 25
     sigma = torch.linspace(3.0, 0.1, l, dtype=torch.float64)
     B = _with_spectrum(l, n, sigma, seed=8)
-    U, S, Vh = _topk_svd_of_transpose(B.mT.contiguous(), k)
+    U, S, Vh = topk_svd_of_transpose(B.mT.contiguous(), k)
     eps = 2 * 10 * math.sqrt(l * n) * U32 * float(sigma[0])
     assert float((S.double() - sigma[:k]).abs().max()) <= eps
     eye = torch.eye(k, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """`mass demo --quick` end to end through the `mass eval` engine: every row, the regime check, the report."""
 import json
 
-from mass.cli import main
+from mass.tools.cli.main import main
 
 
 def test_quick_demo_writes_the_report(tmp_path, capsys):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import mass
-import mass.clip
+import mass.nn.clip
 from _clip_fixtures import fine_tune_tasks, save_clip, task_images, tiny_clip, write_image_folders, write_tokenizer
-from mass.data import ClipPreprocess, discover_image_folders
-from mass.evaluation import evaluate, support_indices, take_support
-from mass.heads import zero_shot_heads
+from mass.evaluation.data import ClipPreprocess, discover_image_folders
+from mass.evaluation.protocol import evaluate, support_indices, take_support
+from mass.evaluation.heads import zero_shot_heads
 
 CLASSES = {"task0": ["cat", "dog"], "task1": ["red", "green", "blue"], "task2": ["one", "two"]}
 BATCH = 4
@@ -26,7 +26,7 @@ def bench(tmp_path_factory):
     pre = ClipPreprocess(shortest_edge=32, crop=(32, 32))
     data = discover_image_folders(write_image_folders(root / "data", task_images(CLASSES, per_class=4, seed=1)), pre)
     heads = zero_shot_heads(clip, tok, CLASSES)
-    vision = mass.clip.vision_encoder(clip)
+    vision = mass.nn.clip.vision_encoder(clip)
     ft = fine_tune_tasks(vision, {t: data[t] for t in CLASSES}, heads, steps=10)
     # another draw of images of the same tasks, standing in for a training split
     other = {t: [(pre(im), c) for im, c in items] for t, items in task_images(CLASSES, per_class=3, seed=7).items()}
@@ -39,7 +39,7 @@ def _stack(dataset, indices):
 
 
 def _model(bench, router, support):
-    return mass.clip.merge(copy.deepcopy(bench["clip"]), bench["ft"], router=router, support=support,
+    return mass.merge(copy.deepcopy(bench["clip"]), bench["ft"], router=router, support=support,
                            heads=bench["heads"].as_tensors(), progress=False,
                            keep_merged="all" if router.unknown == "merged" else "prefix")
 
@@ -165,7 +165,7 @@ def test_support_options_refuse_bad_input(bench):
 
 
 def test_eval_cli_router_options(bench, tmp_path, capsys):
-    from mass.eval_cli import main
+    from mass.tools.cli.eval import main
 
     paths = {}
     for task, sd in bench["ft"].items():

@@ -1,4 +1,4 @@
-"""The evaluation engine (mass.evaluation), its data sources (mass.data) and ``mass eval``: every number of the
+"""The evaluation engine (mass.evaluation), its data sources (mass.evaluation.data) and ``mass eval``: every number of the
 table is checked against a direct computation on offline stand-ins."""
 import copy
 import json
@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import mass
-import mass.clip
+import mass.nn.clip
 from _clip_fixtures import (fine_tune_tasks, hf_to_openclip, save_clip, task_images, tiny_clip, without_projection,
                             write_image_folders, write_saved_dataset, write_tokenizer)
-from mass.data import ClipPreprocess, DataError, HFDatasetData, ImageFolderData, discover_image_folders, load_task_data
-from mass.evaluation import EvalResult, evaluate, routed_correct
-from mass.heads import zero_shot_heads
+from mass.evaluation.data import ClipPreprocess, DataError, HFDatasetData, ImageFolderData, discover_image_folders, load_task_data
+from mass.evaluation.protocol import EvalResult, evaluate, routed_correct
+from mass.evaluation.heads import zero_shot_heads
 
 from _tolerances import U32, U64, assert_within, feature_error, gamma, logit_bound, residual_bound
 
@@ -31,7 +31,7 @@ def bench(tmp_path_factory):
     tok = write_tokenizer(root / "tok")
     clip = tiny_clip(tok, layers=2)
     clip_dir = save_clip(root / "clip", clip, tok)
-    vision = mass.clip.vision_encoder(clip)
+    vision = mass.nn.clip.vision_encoder(clip)
     images = task_images(CLASSES, per_class=4, seed=1)
     folders = write_image_folders(root / "data", images)
     pre = ClipPreprocess(shortest_edge=32, crop=(32, 32))
@@ -85,7 +85,7 @@ def _direct_accuracy(model, bench, task):
 
 
 def _tower(bench, state):
-    model = copy.deepcopy(mass.clip.vision_encoder(bench["clip"]))
+    model = copy.deepcopy(mass.nn.clip.vision_encoder(bench["clip"]))
     model.load_state_dict(state)
     return model.eval()
 
@@ -94,13 +94,13 @@ def test_individual_and_zero_shot_rows_equal_direct_accuracy(bench):
     result = bench["result"]
     for task in CLASSES:
         assert result.accuracy["individual"][task] == _direct_accuracy(_tower(bench, bench["ft"][task]), bench, task)
-        plain = mass.clip.vision_encoder(bench["clip"])
+        plain = mass.nn.clip.vision_encoder(bench["clip"])
         assert result.accuracy["zero_shot"][task] == _direct_accuracy(plain, bench, task)
     assert result.samples == {"task0": 8, "task1": 12, "task2": 8}
 
 
 def test_static_merge_rows_equal_direct_accuracy(bench):
-    pretrained = mass.clip.vision_encoder(bench["clip"])
+    pretrained = mass.nn.clip.vision_encoder(bench["clip"])
     merges = {"task_arithmetic": mass.task_arithmetic(pretrained, bench["ft"], scaling=0.3),
               "ties": mass.ties_merging(pretrained, bench["ft"]),
               "tsv": mass.tsv_merge(pretrained, bench["ft"])}
@@ -115,9 +115,9 @@ def test_mass_rows_routing_and_confusion_equal_direct_counts(bench):
     result = bench["result"]
     tasks = list(CLASSES)
     for name, config in {"paper": mass.RouterConfig(), "top1": mass.RouterConfig(mode="top1")}.items():
-        model = mass.clip.merge(copy.deepcopy(bench["clip"]), bench["ft"], router=config,
+        model = mass.merge(copy.deepcopy(bench["clip"]), bench["ft"], router=config,
                                 heads=bench["heads"].as_tensors(), progress=False)
-        plain = mass.clip.vision_encoder(bench["clip"])
+        plain = mass.nn.clip.vision_encoder(bench["clip"])
         confusion = torch.zeros(3, 3, dtype=torch.long)
         unclear_route = [0] * len(tasks)
         for ti, task in enumerate(tasks):
@@ -128,7 +128,7 @@ def test_mass_rows_routing_and_confusion_equal_direct_counts(bench):
                 # This run and the evaluation's each lie within b (residual_bound) of the exact residuals, so a
                 # best task ahead by more than 4b is both runs'; a sample closer to a tie may be routed otherwise
                 # in the evaluation (the worst-case bound is pessimistic; it flags a few samples here).
-                feature = model._first_pass(pixel_values=x)[0][0]
+                feature = model.first_pass(pixel_values=x)[0][0]
                 b = residual_bound(feature, model.routing_basis[0], feature_error(plain, feature)).amax(1)
                 close = _margins(scores) <= 4 * b
                 if config.mode == "topk":
@@ -163,7 +163,7 @@ def test_mass_with_forced_tasks_reproduces_the_individual_row(bench):
     """Full rank (rank = min(out, in)): each task's block is its whole delta, so forcing the right task gives
     the fine-tuned model back up to the SVD's rounding."""
     result = bench["full"]
-    model = mass.clip.merge(copy.deepcopy(bench["clip"]), bench["ft"], rank=1.0,
+    model = mass.merge(copy.deepcopy(bench["clip"]), bench["ft"], rank=1.0,
                             heads=bench["heads"].as_tensors(), progress=False)
     rank = max(m.rank for m in model.modules() if isinstance(m, mass.MASSLinear))
     for task in CLASSES:
@@ -191,7 +191,7 @@ def test_normalised_accuracy_storage_and_outputs(bench, tmp_path):
             ind = result.accuracy["individual"][task]
             assert norm[row][task] == pytest.approx(result.accuracy[row][task] / ind, rel=rel)
         assert result.average(row, normalized=True) == pytest.approx(sum(norm[row].values()) / 3, rel=rel)
-    dec = mass.decompose(mass.clip.vision_encoder(bench["clip"]), bench["ft"], progress=False)
+    dec = mass.decompose(mass.nn.clip.vision_encoder(bench["clip"]), bench["ft"], progress=False)
     assert result.storage_factor == pytest.approx(dec.storage_factor(), rel=rel)
     assert set(result.latency) == {"paper", "top1"}
     assert all(lat["ratio"] > 0 and lat["plain_ms"] > 0 for lat in result.latency.values())
@@ -294,7 +294,7 @@ def test_preprocess_resizes_crops_and_normalises():
 
 
 def test_presets():
-    from mass.presets import TASKS, preset, preset_names
+    from mass.evaluation.presets import TASKS, preset, preset_names
 
     p = preset("vit-b-32-8")
     assert p.pretrained == "openai/clip-vit-base-patch32" and len(p.tasks) == 8
@@ -307,7 +307,7 @@ def test_presets():
 
 
 def test_eval_cli_explicit_form(bench, tmp_path, capsys):
-    from mass.eval_cli import main
+    from mass.tools.cli.eval import main
 
     root = bench["root"]
     ft_paths = {}

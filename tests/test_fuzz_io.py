@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-import types
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -23,11 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mass
-from mass.checkpoints import CheckpointError, open_finetuned
-from mass.cli import main
-from mass.convert import openclip_to_hf
-from mass.saved_format import SavedModelError, router_config
-from mass.serialization import LEGACY_CONFIG_NAME, LEGACY_TENSORS_NAME, MODEL_NAME, content_sha256, read_saved
+from mass.files.checkpoints import CheckpointError, open_finetuned
+from mass.tools.cli.main import main
+from mass.files.openclip import openclip_to_hf
+from mass.storage.saved_format import SavedModelError, router_config
+from mass.storage.serialization import LEGACY_CONFIG_NAME, LEGACY_TENSORS_NAME, MODEL_NAME, content_sha256, read_saved
 
 from conftest import build_model, make_setup
 
@@ -333,11 +333,10 @@ def test_format_1_configs_are_validated_strictly_too(saved, tmp_path, edit, mess
 
 # ---------------------------------------------------------------------------------------------- saving
 def _with_router_value(model, field, value):
-    """A stand-in exposing what a save reads, with one router field forced to ``value`` (no RouterConfig check)."""
+    """The model's saved artifact with one router field forced to ``value`` (no RouterConfig check)."""
     router = copy.copy(model.router_config)
     object.__setattr__(router, field, value)  # bypasses RouterConfig's own checks (and a frozen dataclass)
-    names = ("arch", "model", "tasks", "ranks", "heads", "reuse_prefix", "keep_merged", "decomposition", "head")
-    return types.SimpleNamespace(router_config=router, **{n: getattr(model, n) for n in names})
+    return dataclasses.replace(model.saved_artifact(), router=router)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -348,23 +347,21 @@ def _with_router_value(model, field, value):
 ])
 def test_a_config_that_a_load_would_refuse_is_refused_before_anything_is_written(
         model, saved, tmp_path, field, value, message):
-    from mass.serialization import save_mass
+    from mass.storage.serialization import save_artifact
 
     shutil.copytree(saved[2], tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
     with pytest.raises(ValueError, match="cannot save this model: .*" + message):
-        save_mass(_with_router_value(model, field, value), tmp_path / "m")
+        save_artifact(_with_router_value(model, field, value), tmp_path / "m")
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     with pytest.raises(ValueError, match=message):
-        save_mass(_with_router_value(model, field, value), tmp_path / "new")
+        save_artifact(_with_router_value(model, field, value), tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
 def test_the_saved_router_fields_are_the_router_config_fields():
     """A RouterConfig field the format does not know would make every save fail: extend ROUTER_FIELDS with it."""
-    import dataclasses
-
-    assert set(mass.saved_format.ROUTER_FIELDS) == {f.name for f in dataclasses.fields(mass.RouterConfig)}
+    assert set(mass.storage.saved_format.ROUTER_FIELDS) == {f.name for f in dataclasses.fields(mass.RouterConfig)}
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -594,7 +591,7 @@ def test_a_legacy_torch_save_state_dict_loads_weights_only(ckpts, tmp_path):
 
 
 def test_an_openclip_state_dict_with_two_vision_towers_is_refused():
-    from mass.testing import OpenCLIPStyleViT
+    from mass.method.synthetic import OpenCLIPStyleViT
 
     sd = OpenCLIPStyleViT(width=32, layers=1).state_dict()
     both = {**{"visual." + k: v for k, v in sd.items()}, **{"ema.visual." + k: v for k, v in sd.items()}}
@@ -740,7 +737,7 @@ def test_cli_mass_debug_keeps_the_traceback(cli_root, monkeypatch):
 def test_cli_as_a_process_prints_one_error_line(tmp_path, argv, message):
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASS_DEBUG": ""}
     env.pop("MASS_DEBUG")
-    proc = subprocess.run([sys.executable, "-m", "mass.cli", *[a.replace("DIR", str(tmp_path)) for a in argv]],
+    proc = subprocess.run([sys.executable, "-m", "mass.tools.cli.main", *[a.replace("DIR", str(tmp_path)) for a in argv]],
                           capture_output=True, text=True, env=env, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("mass: error:") and message in lines[-1], proc.stderr

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mass
-from mass.adapters import AlreadyWrappedError
-from mass.model import extract_embedding
+from mass.nn.adapters import AlreadyWrappedError
+from mass.nn.model import extract_embedding
 
 from conftest import build_model, make_setup
 
@@ -136,7 +136,7 @@ def _no_svd(*args, **kwargs):
 def test_merge_validates_before_the_svds_and_leaves_the_module(kwargs, error, names, monkeypatch):
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
     before = _snapshot(pretrained)
-    monkeypatch.setattr("mass.model.decompose", _no_svd)
+    monkeypatch.setattr("mass.nn.merge.decompose", _no_svd)
     with pytest.raises(error, match=names):
         mass.merge(pretrained, finetuned, progress=False, **kwargs)
     _assert_untouched(pretrained, before)
@@ -148,7 +148,7 @@ def test_merge_validates_before_the_svds_and_leaves_the_module(kwargs, error, na
 ])
 def test_merge_refuses_bad_task_names(names, message, monkeypatch):
     pretrained, finetuned, _ = make_setup("hf", n_tasks=1)
-    monkeypatch.setattr("mass.model.decompose", _no_svd)
+    monkeypatch.setattr("mass.nn.merge.decompose", _no_svd)
     with pytest.raises(ValueError, match=message):
         mass.merge(pretrained, {name: finetuned["task0"] for name in names}, heads={}, progress=False)
 
@@ -165,7 +165,7 @@ def test_failed_wrap_leaves_the_module_as_it_was_and_a_retry_works(arch, stage, 
 
     # 'build': while the banks are built (nothing installed yet); 'install': after the layers are in place,
     # while the last hook is registered (the steps done so far must be undone).
-    monkeypatch.setattr("mass.model.build_banks" if stage == "build" else "mass.model.TokenDeltas", explode)
+    monkeypatch.setattr("mass.nn.model.build_banks" if stage == "build" else "mass.nn.model.TokenDeltas", explode)
     with pytest.raises(RuntimeError, match="injected failure"):
         mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
     _assert_untouched(pretrained, before)
@@ -225,7 +225,7 @@ def test_with_router_equals_a_fresh_merge_without_decomposing_again(new, built, 
     model, images = built
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS, scale=0.2)
     fresh = mass.merge(pretrained, finetuned, router=new, heads=_heads(), progress=False)
-    monkeypatch.setattr("mass.model.decompose", _no_svd)
+    monkeypatch.setattr("mass.nn.merge.decompose", _no_svd)
     view = model.with_router(new)
     assert view.router_config == new and model.router_config == mass.RouterConfig(layer=1, threshold=0.1)
     # The same fp32 factors and the same operations: bit-equal to the fresh model.
@@ -393,7 +393,7 @@ def test_a_block_forward_set_before_wrapping_is_kept_and_restored(images, monkey
     wrap puts that same function back."""
     pretrained, finetuned, _ = make_setup("hf", n_tasks=N_TASKS)
     dec = mass.decompose(pretrained, finetuned, progress=False)
-    block = mass.adapters.detect(pretrained).blocks[2]
+    block = mass.nn.adapters.detect(pretrained).blocks[2]
     calls = []
     original = block.forward
 
@@ -402,7 +402,7 @@ def test_a_block_forward_set_before_wrapping_is_kept_and_restored(images, monkey
         return original(*args, **kwargs)
 
     block.forward = counted
-    monkeypatch.setattr("mass.model.TokenDeltas", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr("mass.nn.model.TokenDeltas", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
         mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
     assert block.__dict__["forward"] is counted

@@ -1,14 +1,14 @@
-"""Zero-shot heads from the CLIP text tower (mass.heads), checked against a direct computation."""
+"""Zero-shot heads from the CLIP text tower (mass.evaluation.heads), checked against a direct computation."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mass.clip
+import mass.nn.clip
 from _clip_fixtures import PROJECTION, finetuned_towers, tiny_clip, write_tokenizer
-from mass.heads import DEFAULT_TEMPLATES, Head, Heads, head_tensors, zero_shot_heads
-from mass.presets import task_templates
+from mass.evaluation.heads import DEFAULT_TEMPLATES, Head, Heads, head_tensors, zero_shot_heads
+from mass.evaluation.presets import task_templates
 
 from _tolerances import assert_within, encoder_bound, gamma
 
@@ -93,8 +93,8 @@ def test_heads_drive_a_clip_merge_and_name_labels(clip_and_tokenizer):
     heads = zero_shot_heads(clip, tok, {"task0": ["cat", "dog"], "task1": ["red", "green", "blue"]})
     tensors = heads.as_tensors()
     assert head_tensors(heads).keys() == tensors.keys() and all(torch.equal(tensors[t], heads[t].weight) for t in heads)
-    ft = finetuned_towers(mass.clip.vision_encoder(clip), 2)
-    model = mass.clip.merge(clip, ft, heads=tensors, progress=False)
+    ft = finetuned_towers(mass.nn.clip.vision_encoder(clip), 2)
+    model = mass.merge(clip, ft, heads=tensors, progress=False)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = model.classify(pixel_values=x, task_ids=["task1"] * 3)
     assert out.logits.shape == (3, 3)

@@ -1,4 +1,4 @@
-"""Which TSV-M weights the first pass reads (mass.banks.merged_needed): without prefix reuse it ends at the last
+"""Which TSV-M weights the first pass reads (mass.nn.banks.merged_needed): without prefix reuse it ends at the last
 routing block's MLP input, so that MLP's merged weights (fc1, fc2) are never read and need not be built.
 
 The claims are checked on the model itself: dropping those weights leaves routing and outputs bit-identical
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import mass
-from mass.banks import add_merged_weights, merged_needed, routing_mlp_layers, targets
-from mass.model import extract_embedding
+from mass.nn.banks import add_merged_weights, merged_needed, routing_mlp_layers, targets
+from mass.nn.model import extract_embedding
 
 from conftest import make_setup
 

@@ -1,4 +1,4 @@
-"""The randomised solver's accuracy study (``python -m mass.svd_merge_bench --accuracy``): its measures are right.
+"""The randomised solver's accuracy study (``python -m mass.tools.bench.svd_merge --accuracy``): its measures are right.
 
 Rounding bounds (u = 2^-24, √ accumulation model as in test_decompose_solver): fp32 factors are orthonormal
 within δ = 10 √n u, so the sine between two fp32 bases of one subspace is at most √(2δ) (from cos ≥ 1 − δ).
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from mass.svd_merge_bench import accuracy_markdown, power_law_deltas, solver_effect
+from mass.tools.bench.svd_merge import accuracy_markdown, power_law_deltas, solver_effect
 
 U32 = 2.0 ** -24
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import mass
-from mass.merging import tsv_merge_from_decomposition
-from mass.model import extract_embedding
+from mass.method.merging import tsv_merge_from_decomposition
+from mass.nn.model import extract_embedding
 from mass_kernels.reference import group_rows, routing_error_bound
 
 from _tolerances import (U32, assert_within, encoder_bound, float64_model_bound, gamma, layernorm_bound,
@@ -249,7 +249,7 @@ def test_model_through_triton_kernels_matches_torch_path(arch_name, monkeypatch)
     """The MASSModel calls the dispatching ops, so the Triton kernels serve it with no code change."""
     pretrained = build_model(arch_name, layers=2)
     plain = copy.deepcopy(pretrained)
-    from mass.testing import finetuned_like
+    from mass.method.synthetic import finetuned_like
 
     finetuned = finetuned_like(pretrained, 3, scale=0.2, seed=3)
     model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1, threshold=0.1), progress=False)
@@ -262,7 +262,7 @@ def test_model_through_triton_kernels_matches_torch_path(arch_name, monkeypatch)
     got_out, got_routing = model(x, return_routing=True)
     # The first pass runs no kernel: both residuals come from one feature, each op within its own bound of
     # the fp64 oracle there (mass_kernels.reference.routing_error_bound).
-    feature, basis = model._first_pass(x)[0][0], model.routing_basis[0]
+    feature, basis = model.first_pass(x)[0][0], model.routing_basis[0]
     bound = routing_error_bound(feature, basis, "fused") + routing_error_bound(feature, basis, "direct")
     assert_within(got_routing.residuals, want_routing.residuals, bound, "residuals, triton vs torch")
     assert torch.equal(got_routing.task_ids, want_routing.task_ids)
@@ -294,7 +294,7 @@ def _conv_exact(conv, x, entries, weights):
 
 def test_conv_grouped_delta_matches_per_entry_loop():
     """The sync-free grouped conv (CUDA path) equals the per-entry loop (CPU path)."""
-    from mass.layers import MASSConv2d, PassState
+    from mass.nn.layers import MASSConv2d, PassState
 
     state = PassState()
     conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True), state)
@@ -316,7 +316,7 @@ def test_conv_grouped_delta_matches_per_entry_loop():
 def test_conv_patch_gemm_matches_per_entry_loop(grouping):
     """The CPU fast path of the patch embedding (one GEMM over patches, per-entry deltas on grouped samples,
     the image cropped to whole patches as the conv does) equals one conv per entry."""
-    from mass.layers import MASSConv2d, PassState
+    from mass.nn.layers import MASSConv2d, PassState
 
     state = PassState()
     conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True), state)
@@ -346,7 +346,7 @@ def test_conv_patch_gemm_matches_per_entry_loop(grouping):
 def test_conv_shared_passes_patch_gemm_matches_conv(mode, bias):
     """On the CPU the first pass (merged weights) and the pretrained forward embed patches with one GEMM over
     the patches: the same values as the convolution, the image cropped to whole patches as the conv does."""
-    from mass.layers import MASSConv2d, PassState
+    from mass.nn.layers import MASSConv2d, PassState
 
     state = PassState()
     conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=bias), state)
@@ -366,7 +366,7 @@ def test_conv_shared_passes_patch_gemm_matches_conv(mode, bias):
 def test_conv_patch_whole_weights_follow_weight_changes():
     """The top-1 patch path multiplies by cached ``W0 + Δ_e``: an in-place write to the base weight or to the
     deltas (as ``load_state_dict`` does), or a new delta bank, must be seen by the next forward."""
-    from mass.layers import MASSConv2d, PassState
+    from mass.nn.layers import MASSConv2d, PassState
 
     state = PassState()
     conv = MASSConv2d(torch.nn.Conv2d(3, 8, 4, stride=4, bias=True), state)
@@ -405,7 +405,7 @@ def test_conv_patch_whole_weights_follow_weight_changes():
     ([0, 0, 2, 2, 1, 1], [(0, 0, 0, 2), (0, 2, 2, 4), (0, 1, 4, 6)]),  # equal groups: one call, entries 0, 2, 1
 ])
 def test_layernorm_grouped_path_matches_per_sample_affine(entries, segments):
-    from mass.layers import MASSLayerNorm, PassState
+    from mass.nn.layers import MASSLayerNorm, PassState
 
     state = PassState()
     ln = MASSLayerNorm(torch.nn.LayerNorm(10), state)
@@ -437,10 +437,10 @@ def test_trimmed_routing_block_reads_the_same_feature(arch, images, token):
     model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=2, token=token), progress=False)
     fc1_calls = []
     model.arch.fc1[2].register_forward_pre_hook(lambda m, a: fc1_calls.append(1))
-    trimmed, _ = model._first_pass(images)
+    trimmed, _ = model.first_pass(images)
     assert fc1_calls == ([] if token == "cls" else [1])
     model.trim_routing_block = False
-    whole, _ = model._first_pass(images)
+    whole, _ = model.first_pass(images)
     assert len(fc1_calls) == (1 if token == "cls" else 2)
     # two fp32 computations of one feature (the trimmed attention runs for the CLS row only)
     assert_within(trimmed[0], whole[0], encoder_bound(plain, whole[0], sides=2), f"{arch} {token}")
@@ -456,17 +456,17 @@ def test_routing_block_with_a_mask_runs_whole(images):
     transformer = model.model.transformer
     original = transformer.forward
     transformer.forward = lambda x, attn_mask=None: original(x, attn_mask=no_mask)
-    masked, _ = model._first_pass(images)
+    masked, _ = model.first_pass(images)
     assert fc1_calls == [1]
     transformer.forward = original
-    plain_feature, _ = model._first_pass(images)
+    plain_feature, _ = model.first_pass(images)
     assert fc1_calls == [1]
     # two fp32 computations of one feature (attention with a zero mask takes another kernel)
     assert_within(masked[0], plain_feature[0], encoder_bound(plain, plain_feature[0], sides=2), "masked")
 
 
 def test_banks_use_the_cpu_layout_and_stored_factors_stay_contiguous(arch):
-    from mass.layers import MASSLinear
+    from mass.nn.layers import MASSLinear
 
     pretrained, finetuned, _ = make_setup(arch)
     model = mass.merge(pretrained, finetuned, progress=False)
@@ -506,7 +506,7 @@ def test_zero_padded_banks_give_the_same_results(arch, images):
     A wrong padding (non-zero padded S, a mis-sliced rank) shifts outputs by ~1e-1. The saved factors must be
     bit-equal."""
     import mass_kernels
-    from mass.layers import MASSLinear
+    from mass.nn.layers import MASSLinear
 
     def build():
         pretrained, finetuned, _ = make_setup(arch, n_tasks=3, scale=0.2)

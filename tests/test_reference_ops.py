@@ -230,7 +230,7 @@ def _segment_tasks(segments, N):
 def test_segment_fast_path_matches_grouped_reference(case, with_weights, with_bias, cpu_layout):
     """The CPU fast path over row segments (batched runs, in-place expand, biases written before the GEMM)
     equals the masked reference for the same grouping, whatever the banks' memory layout."""
-    from mass.layers import bank_layout
+    from mass.nn.layers import bank_layout
     from mass_kernels.reference import lowrank_linear_segments_torch, lowrank_linear_torch
 
     gen = torch.Generator().manual_seed(4)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import mass
-from mass import saved_format
-from mass.router import norm_weights
+from mass.storage import saved_format
+from mass.method.router import norm_weights
 
 from conftest import make_setup
-from test_router_options import _fc1_input
+from test_router_options import fc1_input
 
 LAYER = 2
 FC1 = f"encoder.layers.{LAYER}.mlp.fc1.weight"
@@ -53,11 +53,11 @@ def test_energy_scores_equal_the_share_of_each_delta_a_feature_excites(features,
     router = mass.RouterConfig(layer=LAYER, norm="energy", features=features, mode="top1")
     model, dec, reference = _model(router, keep_merged="all")
     if features == "merged":
-        from mass.merging import tsv_merge_from_decomposition
+        from mass.method.merging import tsv_merge_from_decomposition
 
         reference.load_state_dict(tsv_merge_from_decomposition(dec))
     with torch.no_grad():
-        x = _fc1_input(reference, "hf", LAYER, images)
+        x = fc1_input(reference, "hf", LAYER, images)
     routing = model.route(images)
     want = _energy_residuals(x, dec.lowrank[FC1])
     torch.testing.assert_close(routing.residuals.double(), want, rtol=RTOL, atol=0)
@@ -81,7 +81,7 @@ def test_unknown_scale_is_measured_with_the_routers_norm(tmp_path):
     assert calibrated.support.norm == "energy" and calibrated.support.basis is None
     for t, task in enumerate(model.tasks):
         with torch.no_grad():
-            x = _fc1_input(reference, "hf", LAYER, support[task])
+            x = fc1_input(reference, "hf", LAYER, support[task])
         want = _energy_residuals(x, dec.lowrank[FC1])[:, t].max()
         torch.testing.assert_close(calibrated.routing_scale[0, t].double(), want, rtol=RTOL, atol=0)
     # a calibration measured under one norm does not serve another
@@ -104,7 +104,7 @@ def test_a_saved_calibration_without_its_norm_reads_as_the_routers():
     router = mass.RouterConfig(layer=LAYER, norm="sv", unknown="pretrained")
     model, dec, _ = _model(mass.RouterConfig(layer=LAYER))
     support = {t: torch.randn(3, 3, 32, 32) for t in model.tasks}
-    config = saved_format.config_of(model.calibrate(support, router), dec, has_heads=False)
+    config = saved_format.config_of(model.calibrate(support, router).saved_artifact())
     assert config["support"]["norm"] == "sv"
     del config["support"]["norm"]
     assert saved_format.check_config(config)["support"]["norm"] == "sv"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mass
-from mass.router import combine_scores
+from mass.method.router import combine_scores
 
 from mass_kernels.reference import routing_error_bound, routing_residuals_exact
 
@@ -17,11 +17,11 @@ def _exact_residuals(reference, arch, layer, images, basis):
     """The fp64 oracle of the residuals at the exact feature (the plain model in fp64), and the bound on the
     model's: its fp32 feature errs by ≤ feature_error, then the CPU op by routing_error_bound."""
     with torch.no_grad():
-        x = _fc1_input(copy.deepcopy(reference).double(), arch, layer, images.double())
+        x = fc1_input(copy.deepcopy(reference).double(), arch, layer, images.double())
     return routing_residuals_exact(x, basis), residual_bound(x, basis, feature_error(reference, x))
 
 
-def _fc1_input(model_copy, arch, layer, images):
+def fc1_input(model_copy, arch, layer, images):
     """CLS token of block ``layer``'s MLP input, read with a hook on a plain (unwrapped) model."""
     if arch.startswith("hf"):
         blocks = (model_copy.vision_model if hasattr(model_copy, "vision_model") else model_copy).encoder.layers
@@ -49,7 +49,7 @@ def test_merged_features_route_on_tsv_merge(images):
     pretrained, finetuned, reference = make_setup("hf")
     dec = mass.decompose(pretrained, finetuned, progress=False)
     model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=2))
-    from mass.merging import tsv_merge_from_decomposition
+    from mass.method.merging import tsv_merge_from_decomposition
 
     reference.load_state_dict(tsv_merge_from_decomposition(dec))
     want, bound = _exact_residuals(reference, "hf", 2, images, model.routing_basis[0])
@@ -66,7 +66,7 @@ def test_several_layers_are_scored_in_one_pass_and_combined(images):
         block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
     routing = multi.route(images)
     assert calls == [0, 1]  # stops inside block 2, the last scored block
-    features = multi._first_pass(images)[0]
+    features = multi.first_pass(images)[0]
     for g, layer in enumerate([0, 2]):
         single = mass.MASSModel(copy.deepcopy(pretrained), dec, router=mass.RouterConfig(layer=layer))
         # one feature computed twice in fp32 (block 0 is trimmed to the CLS row when it is the last block), each

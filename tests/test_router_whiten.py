@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mass
-from mass import support as sup
+from mass.method import support as sup
 from mass_kernels.reference import routing_residuals_exact
 
 from _tolerances import U32, gamma, residual_bound
@@ -114,7 +114,7 @@ def _router(**kw):
 def test_calibrate_fits_the_models_own_features(centre):
     model, support = _merged(_router(centre=centre))
     probe = model.with_router(mass.RouterConfig(layers=[1, LAYER], features="pretrained", mode="top1"))
-    feats = {t: probe._first_pass(support[t])[0] for t in model.tasks}
+    feats = {t: probe.first_pass(support[t])[0] for t in model.tasks}
     direct = sup.fit(feats, model.tasks, model.router_config, [1, LAYER], None)
     for name in ("basis", "centre", "scale", "whitener"):  # same features, same deterministic fit
         a, b = getattr(model.support, name), getattr(direct, name)
@@ -125,8 +125,8 @@ def test_calibrate_fits_the_models_own_features(centre):
 def test_whitened_scores_and_detector_follow_the_formula(images):
     model, support = _merged(_router(unknown_threshold=0.7))
     x = torch.cat([images, support[model.tasks[0]][:3]])
-    feats = model._first_pass(x)[0]  # (G, B, D) fp32: the features the router scores
-    routing = model._route_features(feats)
+    feats = model.first_pass(x)[0]  # (G, B, D) fp32: the features the router scores
+    routing = model.route_features(feats)
     fit = model.support
     want, bound = [], []
     for g in range(feats.shape[0]):
@@ -144,7 +144,7 @@ def test_whitened_scores_and_detector_follow_the_formula(images):
     want, bound = torch.stack(want), torch.stack(bound)
     assert bool(((routing.residuals.double() - want).abs() <= bound).all())
     # the detector: mean over blocks of the chosen task's squared residual over the unit (r² errs by ≤ (2r + b)·b)
-    chosen = mass.router.combine_scores(routing.residuals).argmax(1)  # the task chosen before flagging
+    chosen = mass.method.router.combine_scores(routing.residuals).argmax(1)  # the task chosen before flagging
     idx = chosen.view(1, -1, 1).expand(want.shape[0], -1, 1)
     r, b = want.gather(2, idx)[..., 0], bound.gather(2, idx)[..., 0]
     unit = fit.scale.double().gather(1, chosen.view(1, -1).expand(want.shape[0], -1))
@@ -196,7 +196,7 @@ def _rewrite(directory, edit, drop=()):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mass.serialization import MODEL_NAME, content_sha256
+    from mass.storage.serialization import MODEL_NAME, content_sha256
 
     path = directory / MODEL_NAME
     with safe_open(str(path), framework="pt") as f:
@@ -225,7 +225,7 @@ def test_a_whitened_file_without_its_whitener_is_refused(tmp_path):
     model, _ = _merged(_router())
     model.save_pretrained(tmp_path / "m")
     _rewrite(tmp_path / "m", lambda config: None, drop=("support/whitener",))
-    with pytest.raises(mass.saved_format.SavedModelError, match="whitener"):
+    with pytest.raises(mass.storage.saved_format.SavedModelError, match="whitener"):
         mass.MASSModel.from_pretrained(tmp_path / "m", make_setup("hf")[0])
 
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import mass
-from mass.model import extract_embedding
-from mass.serialization import MODEL_NAME
+from mass.nn.model import extract_embedding
+from mass.storage.serialization import MODEL_NAME
 
 from _tolerances import assert_within, gamma, logit_bound, product_bound
 from conftest import build_model, make_setup
@@ -112,7 +112,7 @@ def test_checkpoint_key_and_shape_mismatches_are_reported():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_all_finite_sees_every_nan_and_inf(dtype):
-    from mass.checkpoints import all_finite
+    from mass.files.checkpoints import all_finite
 
     assert all_finite(torch.randn(7, 9).to(dtype)) and all_finite(torch.empty(0, 3, dtype=dtype))
     for bad in (float("nan"), float("inf"), -float("inf")):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import mass
-from mass.support import SupportFit, UnknownTaskError
+from mass.method.support import SupportFit, UnknownTaskError
 from mass_kernels.reference import routing_error_bound, routing_residuals_exact
 
 from _tolerances import U32, assert_within, encoder_bound, gamma, residual_bound
 from conftest import make_setup
-from test_router_options import _fc1_input
+from test_router_options import fc1_input
 
 LAYER = 2
 
@@ -43,8 +43,8 @@ def _exact_features(model, reference, images):
     its calibration run, so the same values). x̂ is first checked against x within the a-priori forward bound;
     the measured error then serves the a-posteriori bounds below (tighter than the a-priori one by ~10³)."""
     with torch.no_grad():
-        x = _fc1_input(copy.deepcopy(reference).double(), "hf", LAYER, images.double())
-        got = model._first_pass(images)[0][0]
+        x = fc1_input(copy.deepcopy(reference).double(), "hf", LAYER, images.double())
+        got = model.first_pass(images)[0][0]
     assert_within(got, x, encoder_bound(reference, x), "routing feature")
     return x, (got.double() - x).norm(dim=1)
 
@@ -194,7 +194,7 @@ def test_calibrate_derives_models_and_keeps_the_original():
     x = view.route(support[model.tasks[1]]).residuals
     # one feature (the same first pass on the same batch), scored by the op against all tasks' bases here and
     # against task 1's alone in the calibration: two evaluations, each within the op's bound of the oracle
-    feature, basis = view._first_pass(support[model.tasks[1]])[0][0], view.routing_basis[0, 1:2]
+    feature, basis = view.first_pass(support[model.tasks[1]])[0][0], view.routing_basis[0, 1:2]
     bound = 2 * routing_error_bound(feature, basis, "direct").max()
     assert_within(fc1.routing_scale[0, 1], x[:, 1].max(), bound, "fc1 scale")
 
@@ -240,9 +240,9 @@ def test_router_config_checks_the_new_fields(field, value, exc):
         mass.RouterConfig(basis="support", norm="sv")
 
 
-@pytest.mark.skipif(not hasattr(mass.saved_format, "support_from_tensors"),
+@pytest.mark.skipif(not hasattr(mass.storage.saved_format, "support_from_tensors"),
                     reason="the saved format does not hold the router calibration yet (issue 14 patch to "
-                           "mass/saved_format.py and mass/serialization.py)")
+                           "mass/storage/saved_format.py and mass/storage/serialization.py)")
 @pytest.mark.parametrize("centre", [False, True])
 def test_save_load_keeps_the_calibrated_router_bit_exactly(tmp_path, centre):
     model, _, support = _merged(_router(centre=centre, unknown="pretrained", unknown_threshold=0.5))
@@ -263,8 +263,8 @@ def test_save_load_keeps_the_calibrated_router_bit_exactly(tmp_path, centre):
 def test_read_support_dir(tmp_path):
     from PIL import Image
 
-    from mass.data import ClipPreprocess
-    from mass.support import read_support_dir
+    from mass.evaluation.data import ClipPreprocess
+    from mass.method.support import read_support_dir
 
     (tmp_path / "a" / "sub").mkdir(parents=True)
     for i, name in enumerate(["x.png", "sub/y.jpg", "z.png"]):

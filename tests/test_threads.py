@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mass
-from mass.model import extract_embedding
+from mass.nn.model import extract_embedding
 
 from conftest import make_setup
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mass.model import extract_embedding
+from mass.nn.model import extract_embedding
 
 from _tolerances import U32, assert_within, encoder_bound, gamma, layernorm_bound, path_length
 from conftest import build_model

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import mass
-from mass.layers import MASSConv2d, PassState, bank_layout
-from mass.merging import tsv_merge_from_decomposition
-from mass.model import extract_embedding
+from mass.nn.layers import MASSConv2d, PassState, bank_layout
+from mass.method.merging import tsv_merge_from_decomposition
+from mass.nn.model import extract_embedding
 from mass_kernels.cpu import bias_runs, segment_runs
 from mass_kernels.reference import lowrank_linear_segments_torch
 

@@ -1,0 +1,163 @@
+"""``mass merge``: a pretrained CLIP directory or hub id and fine-tuned checkpoints to a saved MASS model."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from mass.files.checkpoints import CheckpointError, require_regular_file
+from mass.tools.cli.args import check_out, parse_pairs, parse_rank
+from mass.tools.cli.errors import UserError
+
+
+def load_pretrained_hf(path: str):
+    """An HF CLIP vision encoder (with the projection where the directory has one) from a local directory
+    (config.json + weights), offline."""
+    p = Path(path)
+    if not p.is_dir() or not os.path.lexists(p / "config.json"):
+        raise UserError(f"--pretrained must be a HF model directory with config.json: {path}")
+    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    weights = [p / n for n in names if os.path.lexists(p / n)]
+    if not weights:
+        raise UserError(f"--pretrained {path} has no weights (model.safetensors or pytorch_model.bin)")
+    for file in [p / "config.json", *weights]:
+        require_regular_file(file, "--pretrained")
+    from mass.nn.clip import load_vision  # a CLIPModel directory keeps its visual projection
+
+    try:
+        return load_vision(str(p), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors... for broken files
+        raise UserError(f"--pretrained {path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
+
+
+def load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: bool):
+    """A fine-tuned checkpoint as a state dict with the pretrained model's key names."""
+    import torch
+
+    from mass.files.checkpoints import open_checkpoint
+    from mass.files.openclip import is_openclip_state_dict, openclip_to_hf
+
+    p = Path(path)
+    if allow_pickle and p.suffix in (".pt", ".pth", ".bin"):
+        require_regular_file(p, f"checkpoint {name!r}")
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {name!r}: cannot load {p} ({type(exc).__name__}: {exc})") from exc
+        sd = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    else:
+        src = open_checkpoint(name, p)
+        keys = src.keys()
+        if not is_openclip_state_dict(keys):
+            return p  # read lazily, key prefixes matched during decomposition
+        sd = {k: src.get(k) for k in keys}
+    if is_openclip_state_dict(sd.keys()):
+        sd = openclip_to_hf(sd, target_keys)
+    return sd
+
+
+ROUTER_PRESETS = ("paper", "recommended", "few-example")
+
+
+def router_from_args(args):
+    """The ``RouterConfig`` of ``mass merge``: the ``--router`` preset (the paper's router, ``recommended()``
+    or ``few_example()``), with every routing flag given on the command line overriding it."""
+    from mass.method.router import RouterConfig
+
+    base = {"paper": RouterConfig, "recommended": RouterConfig.recommended,
+            "few-example": RouterConfig.few_example}[args.router]
+    flags = {"layer": args.layer, "mode": args.mode, "token": args.token, "features": args.features,
+             "basis": args.basis, "whiten": args.whiten, "centre": args.centre}
+    return base(**{k: v for k, v in flags.items() if v is not None}, unknown=args.unknown,
+                unknown_threshold=args.unknown_threshold)
+
+
+def run(args) -> int:
+    from mass.files.hub import is_hub_id
+    from mass.nn.clip import load_vision
+    from mass.nn.merge import merge
+
+    finetuned = parse_pairs(args.finetuned)
+    rank = parse_rank(args.rank)
+    try:
+        router = router_from_args(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    support_dirs = parse_pairs(args.support, "--support") if args.support else None
+    for name, path in finetuned.items():
+        if not os.path.lexists(path) and not is_hub_id(path):
+            raise UserError(f"checkpoint {name!r}: no such file {path}")
+    check_out(args.out)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    pretrained = load_vision(args.pretrained) if is_hub_id(args.pretrained) else load_pretrained_hf(args.pretrained)
+    if args.allow_pickle:
+        keys = list(pretrained.state_dict().keys())
+        finetuned = {n: load_finetuned(n, p, keys, True) for n, p in finetuned.items()}
+    support = None
+    if support_dirs is not None:
+        from mass.evaluation.data import ClipPreprocess
+        from mass.method.support import DEFAULT_IMAGES, read_support_dir
+
+        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
+        try:
+            support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
+                       for t, d in support_dirs.items()}
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    keep_merged = "all" if args.unknown == "merged" else "prefix"
+    try:
+        model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, support=support,
+                      keep_merged=keep_merged, solver=args.solver, device=args.device)
+    except ValueError as exc:
+        if support is None and (router.basis == "support" or args.unknown != "off"):
+            raise UserError(f"{exc} (give --support TASK=DIR ...)") from None
+        raise
+    model.save_pretrained(args.out)
+    print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
+          f"(storage {model.storage_factor():.3f}x the pretrained model)")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    merge = subparsers.add_parser("merge", help="build a MASS model from a pretrained and fine-tuned checkpoints")
+    merge.add_argument("--pretrained", required=True, help="HF CLIP (vision) model directory or hub id")
+    merge.add_argument("--finetuned", required=True, nargs="+", metavar="NAME=PATH",
+                       help="fine-tuned checkpoints: HF directories, .safetensors, or .pt state dicts")
+    merge.add_argument("--rank", default=None, help="k per matrix: int, or fraction of min(out, in); "
+                                                     "default floor(min(out, in) / T)")
+    merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
+    merge.add_argument("--router", default="paper", choices=ROUTER_PRESETS,
+                       help="router preset: the paper's (data-free, topk), RouterConfig.recommended() (data-free, "
+                            "pretrained features, top-1) or RouterConfig.few_example() (needs --support); the "
+                            "routing flags below override it")
+    merge.add_argument("--mode", default=None, choices=["top1", "topk", "weighted"], help="default: the preset's")
+    merge.add_argument("--token", default=None, choices=["cls", "mean"], help="default: the preset's")
+    merge.add_argument("--features", default=None, choices=["merged", "pretrained"],
+                       help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
+    merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],
+                       help="SVD solver: exact, randomized range finder, or auto (randomized for large matrices)")
+    merge.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
+    merge.add_argument("--basis", default=None, choices=["fc1", "support"],
+                       help="routing basis: the fc1 deltas (data-free, paper) or the --support images' subspaces")
+    merge.add_argument("--whiten", type=float, default=None,
+                       help="support basis only: whiten features by the support images' covariance mixed with a "
+                            "scaled identity (weight in [0, 1); few-example preset: 0.2)")
+    merge.add_argument("--centre", default=None, action=argparse.BooleanOptionalAction,
+                       help="support basis only: affine subspaces around each task's support mean")
+    merge.add_argument("--support", nargs="+", metavar="TASK=DIR", default=None,
+                       help="a few unlabelled images of each task (a folder per task, 32 recommended): fits the "
+                            "support-set router and the unknown-task detector")
+    merge.add_argument("--support-images", type=int, default=None,
+                       help="images read per support folder (default 32, the first in sorted path order)")
+    merge.add_argument("--unknown", default="off", choices=["off", "merged", "pretrained", "error"],
+                       help="samples that match no task: merged / pretrained model output, or an error")
+    merge.add_argument("--unknown-threshold", type=float, default=1.0,
+                       help="flag a sample whose residual exceeds this many times its task's calibrated scale")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--allow-pickle", action="store_true", help="accept pickled modules in .pt files")
+    merge.add_argument("--quiet", action="store_true")
+    merge.set_defaults(func=run)
+    return merge
