@@ -20,12 +20,26 @@ def check_routing_args(x: torch.Tensor, basis: torch.Tensor) -> None:
     if x.device != basis.device:
         _fail(op, f"x is on {x.device} but basis is on {basis.device}")
     if not x.is_floating_point() or not basis.is_floating_point():
-        _fail(op, "x and basis must be floating point")
+        _fail(op, f"x and basis must be floating point, got x {x.dtype} and basis {basis.dtype}")
+
+
+def check_lowrank_dtypes(x, weight, bias, U, S, V, row_weights, task_bias) -> None:
+    """Every operand but ``row_tasks`` floating point: an integer x would give an integer output with the
+    fractions truncated. The message names the offending dtype beside x's and the weight's. Mixed floating
+    dtypes are accepted (each path computes with fp32 accumulation; see :func:`mass_kernels.lowrank_linear`)."""
+    named = {"x": x, "weight": weight, "bias": bias, "U": U, "S": S, "V": V, "row_weights": row_weights,
+             "task_bias": task_bias}
+    bad = [f"{name} is {t.dtype}" for name, t in named.items() if t is not None and not t.is_floating_point()]
+    if bad:
+        fine = [f"{name} {t.dtype}" for name, t in named.items() if t is not None and t.is_floating_point()]
+        _fail("lowrank_linear", f"every input but row_tasks must be floating point: {', '.join(bad)}"
+                                + (f" (the others: {', '.join(fine)})" if fine else ""))
 
 
 def check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias, values: bool = True) -> None:
     """Shapes, dtypes and devices; with ``values``, also the task ids of CPU tensors (not under tracing)."""
     op = "lowrank_linear"
+    check_lowrank_dtypes(x, weight, bias, U, S, V, row_weights, task_bias)
     if x.dim() != 2:
         _fail(op, f"x must be (N, in), got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:

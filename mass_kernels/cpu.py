@@ -97,10 +97,12 @@ def lowrank_linear_grouped_torch(x, weight, bias, U, S, V, row_tasks, row_weight
                                  task_bias=None) -> torch.Tensor:
     """CPU path of ``lowrank_linear`` for one task per row: rows are sorted by task (one host sync, free on
     the CPU), each task's rows run as one segment of :func:`lowrank_linear_segments_torch`, and the output
-    rows are put back in order. Computes in fp32 for other dtypes, like the reference."""
+    rows are put back in order. Computes in fp32 for other dtypes and for mixed ones (fp32 activations with an
+    fp16 bank, say), like the reference and the Triton path (which casts the weights to x's dtype)."""
     tasks = row_tasks.reshape(-1)
     dtype = x.dtype
-    if dtype != torch.float32:
+    operands = (x, weight, bias, U, S, V, task_bias)
+    if any(t is not None and t.dtype != torch.float32 for t in operands):
         x, weight, U, S, V = (t.float() for t in (x, weight, U, S, V))
         bias = None if bias is None else bias.float()
         task_bias = None if task_bias is None else task_bias.float()

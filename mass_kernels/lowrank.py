@@ -391,7 +391,7 @@ def plan_launch(x, weight, bias, U, S, V, row_tasks, row_weights=None, task_bias
     same = lambda t: None if t is None else t.to(dt).contiguous()  # noqa: E731 - one dtype per tl.dot
     x, weight, U, V, S = same(x), same(weight), same(U), same(V), S.contiguous()
     bias, task_bias = (None if t is None else t.contiguous() for t in (bias, task_bias))
-    tasks = row_tasks.reshape(N, -1)
+    tasks = row_tasks if row_tasks.dim() == 2 else row_tasks.unsqueeze(1)  # (N, K); N may be 0
     if tasks.shape[1] == 0:  # (N, 0) row_tasks: no slots at all → one empty slot per row
         tasks, row_weights = torch.full((N, 1), T, device=dev, dtype=torch.int32), None
     k_slots = tasks.shape[1]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import candidates
+from ._triton_utils import interpreting
 from ._checks import check_lowrank_args, check_routing_args
 from .cpu import lowrank_linear_grouped_torch, lowrank_linear_torch, routing_residuals_torch
 
@@ -24,6 +25,10 @@ def select_impl(x: torch.Tensor) -> str:
     if forced:
         if forced not in _IMPLS:
             raise ValueError(f"MASS_KERNEL_IMPL must be one of {_IMPLS}, got {forced!r}")
+        if forced == "triton" and not x.is_cuda and not interpreting():
+            raise ValueError(f"MASS_KERNEL_IMPL=triton: the Triton kernels need CUDA tensors, got tensors on "
+                             f"{x.device} (set TRITON_INTERPRET=1 before importing triton to run them in the "
+                             f"interpreter, or MASS_KERNEL_IMPL=torch)")
         return forced
     return "triton" if x.is_cuda else "torch"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
@@ -35,6 +36,13 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 # Extra keys a checkpoint may carry that are not weights: older transformers versions saved this buffer.
 _IGNORED_EXTRA = ("position_ids",)
+# The allow-list of keys a checkpoint may hold beside the vision tower: the text tower of a full CLIP model,
+# skipped with a warning that names them. HF ``CLIPModel`` names, beside the vision tower's own keys or above
+# them; open_clip ``CLIP`` names, only above the vision tower's prefix (``visual.``): bare, ``transformer.``
+# and ``positional_embedding`` are the vision tower's own names.
+TEXT_TOWER_HF = ("text_model.", "text_projection.", "logit_scale", "logit_bias")
+TEXT_TOWER_OPENCLIP = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection",
+                       "logit_scale", "attn_mask", "logit_bias")
 
 
 def _is_floating_name(dtype: str) -> bool:
@@ -198,14 +206,50 @@ def copies_of_model(name: str, src: set, ref: list[str]) -> list[tuple[str, str]
     return copies
 
 
-def match_keys(source: TensorSource, reference_keys: list[str]) -> dict[str, str]:
+def _is_root(rest: str, roots: tuple) -> bool:
+    """``rest`` is one of ``roots``: a module (ending in ".") it lies under, or a parameter it equals."""
+    return any(rest.startswith(r) if r.endswith(".") else rest == r for r in roots)
+
+
+def is_text_tower_key(key: str, vision_prefix: str = "") -> bool:
+    """Whether ``key`` belongs to the text tower of a full CLIP checkpoint whose vision tower's keys sit under
+    ``vision_prefix`` (see :data:`TEXT_TOWER_HF`, :data:`TEXT_TOWER_OPENCLIP`)."""
+    above = [vision_prefix[: i + 1] for i, c in enumerate(vision_prefix[:-1]) if c == "."]
+    above = [""] + above if vision_prefix else []  # the prefixes strictly above the vision tower's
+    if any(key.startswith(q) and _is_root(key[len(q):], TEXT_TOWER_HF) for q in above + [vision_prefix]):
+        return True
+    return any(key.startswith(q) and _is_root(key[len(q):], TEXT_TOWER_OPENCLIP) for q in above)
+
+
+def check_unmapped(name: str, unmapped, vision_prefix: str = "", warn: bool = True, what: str = "") -> None:
+    """Keys of checkpoint ``name`` that map to no parameter of the pretrained model: a text tower's (the
+    allow-list, :func:`is_text_tower_key`) are skipped with one warning naming them; any other is refused in one
+    :class:`CheckpointError` naming them all (an extra block of a deeper encoder, a ``visual_projection`` the
+    model lacks, ...). Buffers that are not weights (``position_ids``) are skipped silently."""
+    unmapped = {k for k in unmapped if k.rpartition(".")[2] not in _IGNORED_EXTRA}
+    text = {k for k in unmapped if is_text_tower_key(k, vision_prefix)}
+    extra = unmapped - text
+    if extra:
+        where = f" under the prefix {vision_prefix!r}" if vision_prefix and all(
+            k.startswith(vision_prefix) for k in extra) else ""
+        raise CheckpointError(
+            f"checkpoint {name!r} has {len(extra)} unexpected keys{where} that the pretrained model lacks{what}: "
+            f"{_some(extra)}; every key must map to a parameter of the pretrained model (a deeper or wider "
+            f"encoder, or a projection the model has not, cannot be merged): pass a state dict with exactly the "
+            f"model's weights")
+    if text and warn:
+        warnings.warn(f"checkpoint {name!r}: skipped {len(text)} keys of a full CLIP model's text tower (only the "
+                      f"vision tower is merged): {_some(text)}", UserWarning, stacklevel=3)
+
+
+def match_keys(source: TensorSource, reference_keys: list[str], warn: bool = True) -> dict[str, str]:
     """Map the pretrained model's keys to the source's keys, allowing one prefix difference.
 
     Fine-tuned checkpoints are often saved from a parent model (``visual.`` in open_clip, ``vision_model.``
-    in HF) or from a child; this finds the prefix that, added or removed, gives the pretrained keys. Keys of a
-    parent outside that prefix (a text tower, say) are ignored; every key under it must be a pretrained key
-    (``position_ids``, a buffer older transformers saved, excepted). A source holding the model twice (bare
-    keys and an ``ema.`` copy, say) is refused: which copy is meant is the user's call, not ours.
+    in HF) or from a child; this finds the prefix that, added or removed, gives the pretrained keys. Every
+    other key must be a full CLIP model's text tower (skipped with a warning, unless ``warn`` is off) or is
+    refused, named (:func:`check_unmapped`). A source holding the model twice (bare keys and an ``ema.`` copy,
+    say) is refused: which copy is meant is the user's call, not ours.
     """
     src = set(source.keys())
     ref = list(reference_keys)
@@ -222,16 +266,9 @@ def match_keys(source: TensorSource, reference_keys: list[str]) -> dict[str, str
     kind, p = copies[0]
     if kind == "add":
         mapping = {r: p + r for r in ref}
-        owned = {s for s in src if s.startswith(p)}
     else:
         mapping = {r: r[len(p):] for r in ref}
-        owned = src
-    extra = {s for s in owned - set(mapping.values()) if s.rpartition(".")[2] not in _IGNORED_EXTRA}
-    if extra:
-        where = f" under the prefix {p!r}" if kind == "add" and p else ""
-        raise CheckpointError(
-            f"checkpoint {source.name!r} has {len(extra)} unexpected keys{where} that the pretrained model lacks: "
-            f"{_some(extra)}; pass a state dict with exactly the model's weights")
+    check_unmapped(source.name, src - set(mapping.values()), p if kind == "add" else "", warn=warn)
     return mapping
 
 

@@ -31,6 +31,7 @@ class Architecture:
     proj_key: Optional[str] = None  # open_clip's raw ``proj`` parameter, if any
     in_channels: int = 3  # image channels the patch embedding takes
     output_dim: int = 0  # width of the image embedding the model returns (what heads multiply)
+    image_size: Optional[tuple] = None  # (height, width) the model takes, where it does not check it itself
 
     @property
     def n_blocks(self) -> int:
@@ -91,11 +92,29 @@ def detect(model: nn.Module) -> Architecture:
             in_channels=model.conv1.in_channels,
             output_dim=model.proj.shape[1] if getattr(model, "proj", None) is not None
             else model.ln_post.normalized_shape[-1],
+            image_size=_openclip_image_size(model),
         )
     raise TypeError(
         f"unsupported model {type(model).__name__}: expected a HF CLIP vision model or an open_clip-style "
         f"VisionTransformer (conv1, transformer.resblocks, ln_pre)"
     )
+
+
+def _openclip_image_size(model: nn.Module) -> Optional[tuple]:
+    """(height, width) an open_clip tower takes: its ``image_size``, else a square grid of patches that fills
+    its positional embedding (one row per patch plus the class token). open_clip does not check the size
+    itself (a wrong one fails inside attention), so the MASS model does, as HF's CLIP does."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return tuple(int(s) for s in size)
+    n_patches = model.positional_embedding.shape[0] - 1
+    grid = round(n_patches ** 0.5)
+    stride = model.conv1.stride
+    if grid * grid != n_patches or model.conv1.kernel_size != stride:
+        return None  # not a square grid of non-overlapping patches: leave the check to the model
+    return (grid * stride[0], grid * stride[1])
 
 
 def block_of(arch: Architecture, module_name: str) -> Optional[int]:

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from mass.nn.adapters import detect
-from mass.files.checkpoints import Checkpoint, CheckpointError, copies_of_model, match_keys, open_checkpoint
+from mass.files.checkpoints import (
+    Checkpoint, CheckpointError, check_unmapped, copies_of_model, match_keys, open_checkpoint,
+)
 from mass.files.hub import from_hub, is_hub_id
 
 def _quiet_transformers():
@@ -194,8 +196,9 @@ def _state_dict_of(name: str, source: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _alignments(ref: list[str], src: set[str]):
-    """Candidate maps ref key → source key: identity, or one prefix added to / removed from the ref keys."""
-    yield lambda r: r
+    """Candidate maps ref key → source key, each with the prefix the source's vision tower sits under: identity,
+    or one prefix added to / removed from the ref keys."""
+    yield "", lambda r: r
     seen = set()
     for r in ref[:8]:
         for s in src:
@@ -203,12 +206,12 @@ def _alignments(ref: list[str], src: set[str]):
                 p = s[: len(s) - len(r)]
                 if ("add", p) not in seen:
                     seen.add(("add", p))
-                    yield lambda r, p=p: p + r
+                    yield p, lambda r, p=p: p + r
             if s != r and r.endswith("." + s):
                 p = r[: len(r) - len(s)]
                 if ("drop", p) not in seen:
                     seen.add(("drop", p))
-                    yield lambda r, p=p: r[len(p):] if r.startswith(p) else None
+                    yield "", lambda r, p=p: r[len(p):] if r.startswith(p) else None
 
 
 def _inside_tower(arch, key: str) -> bool:
@@ -224,7 +227,8 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
 
     open_clip names are converted first. Parameters on top of the vision transformer (``visual_projection``,
     open_clip's ``proj``) may be missing: they count as unchanged (returned in the list). A missing key of the
-    transformer itself or a shape mismatch is an error.
+    transformer itself or a shape mismatch is an error, and so is a key that maps to nothing in the model (an
+    extra block, a projection the model lacks; a full CLIP model's text tower is skipped with a warning).
     """
     from mass.files.openclip import is_openclip_state_dict, openclip_to_hf
 
@@ -233,15 +237,16 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
     arch = detect(pretrained)
     if is_openclip_state_dict(sd.keys()) and arch.kind == "hf":
         try:
-            sd = openclip_to_hf(sd, ref)
+            sd = openclip_to_hf(sd, ref, name)
         except CheckpointError:  # open_clip without ``proj``: map the tower's keys only
-            sd = openclip_to_hf(sd, [k for k in ref if _inside_tower(arch, k)])
+            sd = openclip_to_hf(sd, [k for k in ref if _inside_tower(arch, k)], name)
     src = set(sd)
     best: dict[str, str] = {}
-    for align in _alignments(ref, src):
+    prefix = ""
+    for under, align in _alignments(ref, src):
         found = {r: s for r in ref if (s := align(r)) is not None and s in src}
         if len(found) > len(best):
-            best = found
+            best, prefix = found, under
     missing = [r for r in ref if r not in best]
     inside = [k for k in missing if _inside_tower(arch, k)]
     if inside or not best:
@@ -251,6 +256,7 @@ def align_state_dict(name: str, sd: Mapping[str, torch.Tensor], pretrained: nn.M
             f"(such as visual_projection) may be absent. Its keys look like {sorted(src)[:3]}"
         )
     copies_of_model(name, src, [r for r in ref if r in best])  # a projection may be absent, a second copy not
+    check_unmapped(name, src - set(best.values()), prefix)  # and nothing may be left over (text tower: warned)
     out = {}
     for r in ref:
         value = sd[best[r]] if r in best else reference[r]
@@ -271,7 +277,7 @@ def _passes_through(name: str, source, ref: list[str]) -> bool:
         return False
     opened = open_checkpoint(name, source)
     try:
-        match_keys(opened, ref)
+        match_keys(opened, ref, warn=False)  # the merge's own reading warns, once
     except CheckpointError:
         return False
     return True

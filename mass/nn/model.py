@@ -132,7 +132,7 @@ class MASSModel(nn.Module):
             scale = support.scale
             if router.basis == "support":
                 basis, centre, whitener = support.basis, support.centre, support.whitener
-        self.router_config = router
+        self._router_config = router
         self.reuse_prefix = reuse_prefix
         self.routing_layers = routing_layers
         self.routing_layer = routing_layers[-1]  # the first pass stops here
@@ -142,6 +142,17 @@ class MASSModel(nn.Module):
         self.register_buffer("routing_centre", centre, persistent=False)
         self.register_buffer("routing_scale", scale, persistent=False)
         self.register_buffer("routing_whitener", whitener, persistent=False)
+
+    @property
+    def router_config(self) -> RouterConfig:
+        """The router this model routes with. Read-only: :meth:`with_router` gives a model with another one."""
+        return self._router_config
+
+    @router_config.setter
+    def router_config(self, value) -> None:
+        raise AttributeError(f"MASSModel.router_config is read-only (got an assignment of a "
+                             f"{type(value).__name__}): use model.with_router(RouterConfig(...)) for a model with "
+                             f"another router (it shares this one's banks; nothing is decomposed again)")
 
     # ------------------------------------------------------------------ derived models
     def with_router(self, router: Optional[RouterConfig] = None, *, reuse_prefix: Optional[bool] = None,

@@ -103,7 +103,9 @@ def find_images(model, inputs: tuple, kwargs: dict) -> torch.Tensor:
     if images is None:
         images = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
     if images is None:
-        raise ValueError("cannot infer the batch size: pass the images as a tensor")
+        name = "pixel_values" if model.arch.kind == "hf" else "x"
+        raise TypeError(f"no images given: the argument {name!r} is missing (call model({name}=images) or "
+                        f"model(images) with a (batch, {model.arch.in_channels}, height, width) tensor)")
     if images.is_meta or model.banks.cls_delta.is_meta:
         raise RuntimeError("a MASSModel on the meta device holds no values and cannot run: materialise it "
                            "(e.g. load real weights) and pass real images")
@@ -114,6 +116,10 @@ def find_images(model, inputs: tuple, kwargs: dict) -> torch.Tensor:
     if images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channels but the model takes {channels} "
                          f"(shape {tuple(images.shape)}; expected (batch, {channels}, height, width))")
+    size = model.arch.image_size
+    if size is not None and tuple(images.shape[-2:]) != size:
+        raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} but the model takes {size[0]}x{size[1]} "
+                         f"images (shape {tuple(images.shape)}); resize them to the model's image size")
     return images
 
 
@@ -155,7 +161,7 @@ def forced_task_ids(task_ids, tasks: list[str], batch: int) -> torch.Tensor:
                 or task_ids.dim() not in (1, 2):
             raise ValueError(f"task_ids must be an integer tensor (a LongTensor) (B,) or (B, K), got "
                              f"{task_ids.dtype} {tuple(task_ids.shape)}")
-        ids = task_ids.long().reshape(task_ids.shape[0], -1)
+        ids = task_ids.long() if task_ids.dim() == 2 else task_ids.long().unsqueeze(1)  # (B, K); B may be 0
     elif isinstance(task_ids, (list, tuple)):
         rows = []
         for row in task_ids:

@@ -52,7 +52,7 @@ def load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: b
             return p  # read lazily, key prefixes matched during decomposition
         sd = {k: src.get(k) for k in keys}
     if is_openclip_state_dict(sd.keys()):
-        sd = openclip_to_hf(sd, target_keys)
+        sd = openclip_to_hf(sd, target_keys, name)
     return sd
 
 
