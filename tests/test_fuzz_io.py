@@ -72,7 +72,7 @@ def forge_v1(directory: Path, config: dict, tensors) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / LEGACY_TENSORS_NAME), metadata={"format": "mass", "version": "1"})
     digest = hashlib.sha256((directory / LEGACY_TENSORS_NAME).read_bytes()).hexdigest()
-    v1 = {**config, "format_version": 1, "tensors_sha256": digest}
+    v1 = {**{k: v for k, v in config.items() if k != "task_digests"}, "format_version": 1, "tensors_sha256": digest}
     (directory / LEGACY_CONFIG_NAME).write_text(json.dumps(v1))
     return directory
 
@@ -168,8 +168,16 @@ CONFIG_CASES = [
     ("tasks_duplicate", _set("tasks", ["task0", "task0", "task2"]), r"'tasks' names a task twice"),
     ("tasks_not_strings", _set("tasks", ["task0", 1, "task2"]), r"'tasks' must be a non-empty list of non-empty"),
     ("tasks_empty", _set("tasks", []), r"'tasks' must be a non-empty list"),
-    ("tasks_too_few", _set("tasks", ["task0", "task1"]), r"lowrank/.* expected .*tasks=2"),
-    ("tasks_renamed", _set("tasks", ["task0", "task1", "other"]), r"'tasks' does not match the saved heads"),
+    ("tasks_too_few", _set("tasks", ["task0", "task1"]), r"'task_digests' must name exactly the tasks .*extra \['task2'\]"),
+    ("tasks_too_few_digests_too", lambda c: (c.update(tasks=["task0", "task1"]), c["task_digests"].pop("task2"),
+                                              c.update(has_heads=False)),
+     r"'tasks' lists 2 tasks \['task0', 'task1'\] but the saved tensors hold 3 \(the first dimension of lowrank/"),
+    ("tasks_renamed", _set("tasks", ["task0", "task1", "other"]),
+     r"'task_digests' must name exactly the tasks .*missing \['other'\], extra \['task2'\]"),
+    ("tasks_renamed_digests_too", lambda c: (c.update(tasks=["task0", "task1", "other"]),
+                                             c["task_digests"].update(other=c["task_digests"].pop("task2"))),
+     r"'tasks' does not match the saved heads .*tasks without a head \['other'\], heads of no listed task \['task2'\]"),
+    ("task_digest_not_hex", lambda c: c["task_digests"].update(task1="xyz"), r"'task_digests' must hold a SHA-256 .*\['task1'\]"),
     ("rank_wrong", lambda c: _first_rank(c, 999), r"lowrank/.*rank=999"),
     ("rank_zero", lambda c: _first_rank(c, 0), r"'ranks\..*' must be an int >= 1"),
     ("rank_missing", lambda c: c["ranks"].pop(next(iter(c["ranks"]))), r"'ranks' lacks the matrix"),
@@ -295,11 +303,19 @@ def test_a_fifo_in_place_of_the_saved_file_is_refused_not_read(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- format 1
-def test_format_1_loads_bit_exactly_with_a_warning_and_a_resave_upgrades_it(model, saved, tmp_path):
+def test_format_1_loads_bit_exactly_only_when_trusted_with_a_warning_and_a_resave_upgrades_it(model, saved, tmp_path):
+    """Format 1 binds nothing of the task order (no per-task digest, no task name on a stacked tensor, config
+    outside any checksum): it is refused unless trusted, and then it warns."""
     config, tensors, _ = saved
     forge_v1(tmp_path / "m", config, tensors)
-    with pytest.warns(UserWarning, match="format-1 .* save_pretrained again"):
-        loaded = mass.MASSModel.from_pretrained(tmp_path / "m", base_model=build_model("hf", seed=9))
+    base = build_model("hf", seed=9)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(SavedModelError, match=r"format-1 MASS model: .*task order is not bound to its tensors.* "
+                                              r"trust_task_order=True"):
+        mass.MASSModel.from_pretrained(tmp_path / "m", base_model=base)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # the base model is as it was
+    with pytest.warns(UserWarning, match=r"format-1 .*\(trust_task_order=True\)\. Call save_pretrained again"):
+        loaded = mass.MASSModel.from_pretrained(tmp_path / "m", base_model=base, trust_task_order=True)
     assert_same_model(loaded, model)
     loaded.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [MODEL_NAME]
@@ -311,7 +327,7 @@ def test_format_1_without_the_later_router_fields_gets_their_old_defaults(saved,
     old_router = {k: v for k, v in config["router"].items() if k not in ("layers", "features", "norm")}
     forge_v1(tmp_path / "m", {**config, "router": old_router}, tensors)
     with pytest.warns(UserWarning):
-        got, _, _ = read_saved(tmp_path / "m")
+        got, _, _ = read_saved(tmp_path / "m", trust_task_order=True)
     assert (got["router"]["layers"], got["router"]["features"], got["router"]["norm"]) == (None, "merged", "l2")
 
 
@@ -328,7 +344,7 @@ def test_format_1_configs_are_validated_strictly_too(saved, tmp_path, edit, mess
     edit(v1)
     (tmp_path / "m" / LEGACY_CONFIG_NAME).write_text(json.dumps(v1))
     with pytest.raises(SavedModelError, match=message):
-        read_saved(tmp_path / "m")
+        read_saved(tmp_path / "m", trust_task_order=True)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -459,11 +475,12 @@ def test_an_interrupt_at_any_step_of_a_save_leaves_the_old_or_the_new_model_whol
             expected = new_model
         with warnings.catch_warnings():  # an untouched format-1 directory warns when loaded: not the point here
             warnings.simplefilter("ignore", UserWarning)
-            config, dec, heads = read_saved(d)
+            config, dec, heads = read_saved(d, trust_task_order=True)
             assert router_config(config) == expected.router_config
             assert_same_artifact((dec, heads), expected)
             if i == commit:  # interrupted at the rename itself: the old model, also as a whole model
-                assert_same_model(mass.MASSModel.from_pretrained(d, base_model=build_model("hf")), expected)
+                assert_same_model(mass.MASSModel.from_pretrained(d, base_model=build_model("hf"),
+                                                                 trust_task_order=True), expected)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

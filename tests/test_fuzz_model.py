@@ -410,3 +410,138 @@ def test_a_block_forward_set_before_wrapping_is_kept_and_restored(images, monkey
     model = mass.MASSModel(pretrained, dec, router=mass.RouterConfig(layer=1))
     model(images, task_ids="task0")
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+def test_router_config_is_read_only_and_points_to_with_router(built):
+    model, images = built
+    before = model.router_config
+    for value in (mass.RouterConfig(mode="top1"), "top1", None):
+        with pytest.raises(AttributeError, match=r"router_config is read-only .*model\.with_router\(RouterConfig"):
+            model.router_config = value
+    assert model.router_config is before
+    top1 = model.with_router(mass.RouterConfig(layer=1, mode="top1"))
+    assert top1.router_config.mode == "top1" and model.router_config is before
+    assert _emb(model(images)).shape == (6, WIDTH)  # the model still routes with its own router
+
+
+def _lowrank_operands(dtype=torch.float32, n=5):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 8, generator=gen)
+    w, b = torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen)
+    U, S, V = torch.randn(2, 6, 3, generator=gen), torch.rand(2, 3, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    tasks = torch.tensor([0, 1, -1, 1, 0][:n])
+    return [t.to(dtype) for t in (x, w, b, U, S, V)] + [tasks]
+
+
+_KERNEL_PATHS = [("torch", None), ("triton", "fused"), ("triton", "vendor")]
+
+
+def _use_path(monkeypatch, impl, candidate):
+    monkeypatch.setenv("MASS_KERNEL_IMPL", impl)
+    if candidate is None:
+        monkeypatch.delenv("MASS_LOWRANK_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("MASS_LOWRANK_IMPL", candidate)
+
+
+@pytest.mark.parametrize("impl, candidate", _KERNEL_PATHS, ids=["cpu", "triton_interpreter", "vendor_interpreter"])
+@pytest.mark.parametrize("bad", ["x", "weight", "U", "bias"])
+def test_lowrank_linear_refuses_non_floating_inputs_naming_the_dtypes(monkeypatch, impl, candidate, bad):
+    """An integer x used to give an integer output with the fractions truncated: every path refuses it."""
+    import mass_kernels
+
+    _use_path(monkeypatch, impl, candidate)
+    x, w, b, U, S, V, tasks = _lowrank_operands()
+    args = dict(x=x, weight=w, bias=b, U=U, S=S, V=V)
+    args[bad] = args[bad].round().to(torch.int64)
+    with pytest.raises(ValueError, match=rf"lowrank_linear: every input but row_tasks must be floating point: "
+                                         rf"{bad} is torch\.int64 \(the others: .*torch\.float32"):
+        mass_kernels.lowrank_linear(args["x"], args["weight"], args["bias"], args["U"], args["S"], args["V"], tasks)
+
+
+@pytest.mark.parametrize("impl, candidate", _KERNEL_PATHS, ids=["cpu", "triton_interpreter", "vendor_interpreter"])
+def test_fp32_activations_with_an_fp16_bank_compute_in_fp32_on_every_path(monkeypatch, impl, candidate):
+    """Mixed dtypes: the CPU path used to fail inside a matmul; every path now computes with the bank upcast
+    to fp32 (exactly: an fp16 value is an fp32 value), i.e. the same result as with the upcast bank."""
+    import mass_kernels
+
+    _use_path(monkeypatch, impl, candidate)
+    x, w, b, U, S, V, tasks = _lowrank_operands()
+    half = [t.half() for t in (U, S, V)]
+    got = mass_kernels.lowrank_linear(x, w, b, *half, tasks)
+    want = mass_kernels.lowrank_linear(x, w, b, *(t.float() for t in half), tasks)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    got = mass_kernels.lowrank_linear(x, w.half(), b, *half, tasks)  # an fp16 weight too
+    assert torch.equal(got, mass_kernels.lowrank_linear(x, w.half().float(), b, *(t.float() for t in half), tasks))
+
+
+@pytest.mark.parametrize("impl, candidate", _KERNEL_PATHS, ids=["cpu", "triton_interpreter", "vendor_interpreter"])
+def test_lowrank_linear_with_zero_rows_gives_an_empty_output_on_every_path(monkeypatch, impl, candidate):
+    import mass_kernels
+
+    _use_path(monkeypatch, impl, candidate)
+    x, w, b, U, S, V, tasks = _lowrank_operands()
+    for row_tasks in (tasks[:0], tasks[:0].view(0, 1), tasks[:0].view(0, 2)):
+        y = mass_kernels.lowrank_linear(x[:0], w, b, U, S, V, row_tasks)
+        assert y.shape == (0, 6) and y.dtype == torch.float32
+    assert mass_kernels.routing_residuals(x[:0], V).shape == (0, 2)
+
+
+def test_triton_forced_on_cpu_tensors_without_the_interpreter_says_it_needs_cuda(monkeypatch):
+    import mass_kernels
+
+    monkeypatch.setenv("MASS_KERNEL_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b, U, S, V, tasks = _lowrank_operands()
+    for call in (lambda: mass_kernels.lowrank_linear(x, w, b, U, S, V, tasks),
+                 lambda: mass_kernels.routing_residuals(x, V)):
+        with pytest.raises(ValueError, match=r"MASS_KERNEL_IMPL=triton: the Triton kernels need CUDA tensors, got "
+                                             r"tensors on cpu \(set TRITON_INTERPRET=1 .*MASS_KERNEL_IMPL=torch\)"):
+            call()
+
+
+def test_an_empty_batch_with_zero_length_task_ids_gives_an_empty_result(built):
+    model, images = built
+    for ids in (torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long), []):
+        out, routing = model(images[:0], task_ids=ids, return_routing=True)
+        assert _emb(out).shape == (0, WIDTH) and routing.task_ids.shape[0] == 0
+    with pytest.raises(ValueError, match="task_ids names 0 samples but the batch has 6"):
+        model(images, task_ids=torch.zeros(0, dtype=torch.long))
+
+
+def test_a_call_without_images_names_the_missing_argument(built):
+    model, _ = built
+    for call in (model, model.classify, model.forward_pretrained):
+        with pytest.raises(TypeError, match=r"no images given: the argument 'pixel_values' is missing"):
+            call()
+
+
+@pytest.mark.parametrize("size", [(40, 40), (32, 40), (24, 24)])
+def test_open_clip_images_of_the_wrong_size_are_refused_like_hf_does(size):
+    pretrained, finetuned, _ = make_setup("openclip_bf", n_tasks=2)
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
+    images = torch.randn(2, 3, *size)
+    for call in (lambda: model(images), lambda: model(images, task_ids=0), lambda: model.forward_pretrained(images)):
+        with pytest.raises(ValueError, match=rf"images are {size[0]}x{size[1]} but the model takes 32x32 images"):
+            call()
+    assert _emb(model(torch.randn(2, 3, 32, 32))).shape == (2, 32)
+
+
+def test_uint8_images_are_cast_to_float_as_the_plain_hf_model_does_and_open_clip_refuses_them(built):
+    """Documented behaviour (README, Guarantees): HF's CLIP casts integer pixel values to float as they are
+    (no rescaling); so does MASS, bit for bit. open_clip's conv refuses them; so does MASS, naming the dtype."""
+    model, _ = built
+    u8 = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    plain = build_model("hf")
+    assert torch.equal(_emb(plain(pixel_values=u8)), _emb(plain(pixel_values=u8.float())))
+    for call in ("forward", "forced", "pretrained"):
+        run = {"forward": lambda x: model(x), "forced": lambda x: model(x, task_ids=[0, 1, 2, 0]),
+               "pretrained": model.forward_pretrained}[call]
+        assert torch.equal(_emb(run(u8)), _emb(run(u8.float()))), call
+    pretrained, finetuned, _ = make_setup("openclip_bf", n_tasks=2)
+    with pytest.raises(RuntimeError):
+        pretrained(u8)  # the plain open_clip tower refuses it too
+    oc = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=1), progress=False)
+    with pytest.raises(TypeError, match=r"images are torch\.uint8: this open_clip model takes floating-point images"):
+        oc(u8)

@@ -146,19 +146,31 @@ class TaskData(torch.utils.data.Dataset):
         return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
+def _visible(path: Path) -> bool:
+    """Not hidden (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``): hidden entries are skipped."""
+    return not path.name.startswith(".")
+
+
 class ImageFolderData(TaskData):
-    """``root/<class>/*.png|jpg...``; classes are the sorted folder names."""
+    """``root/<class>/*.png|jpg...``; classes are the sorted folder names. Hidden folders and files (names
+    starting with ".") are skipped; a class folder without images is refused (it would become a class of the
+    head that no image can have)."""
 
     def __init__(self, root, preprocess, name: Optional[str] = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
         files = [(f, c) for c, cls in enumerate(classes) for f in sorted((root / cls).iterdir())
-                 if f.suffix.lower() in IMAGE_SUFFIXES]
+                 if f.suffix.lower() in IMAGE_SUFFIXES and _visible(f)]
         if not files:
             raise DataError(f"image folder {root} holds no images in class folders root/<class>/*"
                             f" (suffixes {sorted(IMAGE_SUFFIXES)})")
+        used = {c for _, c in files}
+        empty = [cls for c, cls in enumerate(classes) if c not in used]
+        if empty:
+            raise DataError(f"image folder {root}: class folder(s) {empty} hold no images (suffixes "
+                            f"{sorted(IMAGE_SUFFIXES)}); remove them or add their images")
         super().__init__(name or root.name, classes, preprocess)
         self._files = files
 
@@ -244,15 +256,32 @@ def load_task_data(source, preprocess, task: str, split: str = "test", config: O
                 raise DataError(f"image folder {path} has {len(folder.classes)} classes, {len(classes)} names given")
             folder.classes = list(classes)
         return folder
-    from mass.files.hub import from_hub, is_hub_id
+    from mass.files.hub import HubUnavailableError, from_hub, is_hub_id
 
     repo, _, cfg = str(source).partition(":")
     if not is_hub_id(repo):
+        if not path.exists():
+            raise DataError(f"data for task {task!r}: the local path {source} does not exist "
+                            f"(resolved to {path.absolute()}), and it is not a hub dataset id")
         raise DataError(f"data for task {task!r}: {source!r} is neither a directory nor a hub dataset id")
+    if not path.exists() and _looks_local(path):
+        raise DataError(f"data for task {task!r}: the local path {source} does not exist (resolved to "
+                        f"{path.absolute()}; {path.parent} does exist)")
     from datasets import load_dataset
 
-    data = from_hub(f"dataset for task {task!r}:", repo, lambda: load_dataset(repo, cfg or config, split=split))
+    try:
+        data = from_hub(f"dataset for task {task!r}:", repo, lambda: load_dataset(repo, cfg or config, split=split))
+    except HubUnavailableError as exc:  # say first that no local directory goes by that name
+        raise HubUnavailableError(f"data for task {task!r}: no local directory {source} (resolved to "
+                                  f"{path.absolute()}); as a hub dataset id: {exc}") from exc
     return HFDatasetData(data, preprocess, task, classes=classes)
+
+
+def _looks_local(path: Path) -> bool:
+    """A missing path meant as a local one, not a hub id: its parent folder exists (``data/dtd`` with a
+    ``data`` folder here), or it is absolute or starts with ``.`` or ``~``."""
+    text = str(path)
+    return path.is_absolute() or text.startswith((".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
 
 
 def discover_image_folders(root, preprocess) -> dict[str, TaskData]:
@@ -260,5 +289,6 @@ def discover_image_folders(root, preprocess) -> dict[str, TaskData]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist")
-    return {p.name: ImageFolderData(p, preprocess, p.name) for p in sorted(root.iterdir()) if p.is_dir()}
+    return {p.name: ImageFolderData(p, preprocess, p.name) for p in sorted(root.iterdir())
+            if p.is_dir() and _visible(p)}
 

@@ -60,7 +60,8 @@ def head_tensors(heads: Mapping) -> dict[str, torch.Tensor]:
     return {t: (h.weight if isinstance(h, Head) else torch.as_tensor(h)) for t, h in heads.items()}
 
 
-def _templates_for(task: str, templates: Templates) -> list[str]:
+def templates_for(task: str, templates: Templates) -> list[str]:
+    """The prompt templates a head of ``task`` is built from (``templates`` as :func:`zero_shot_heads` takes it)."""
     if templates is None:
         from mass.evaluation.presets import task_templates
 
@@ -124,7 +125,7 @@ def zero_shot_heads(
         bad = [c for c in classes if not isinstance(c, str) or not c.strip()]
         if not classes or bad:
             raise ValueError(f"task {task!r} needs non-empty class-name strings, got {bad or list(classes)}")
-        tpls = _templates_for(task, templates)
+        tpls = templates_for(task, templates)
         prompts = [tpl.format(c) for c in classes for tpl in tpls]
         emb = encode_text(clip_model, tokenizer, prompts, batch_size).view(len(classes), len(tpls), -1)
         heads[task] = Head(classes, F.normalize(emb.mean(1), dim=-1).cpu())

@@ -96,7 +96,11 @@ def resolve_routers(routers) -> dict[str, RouterConfig]:
         bad = {k: type(v).__name__ for k, v in routers.items() if not isinstance(v, RouterConfig)}
         if bad:
             raise TypeError(f"routers must map names to RouterConfig, got {bad}")
+        if not routers:
+            raise ValueError("routers names no router: give {name: RouterConfig} with at least one entry")
         return dict(routers)
+    if not routers:
+        raise ValueError(f"routers names no router: give some of {sorted(ROUTERS)} (or {{name: RouterConfig}})")
     unknown = [r for r in routers if r not in ROUTERS]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; known: {sorted(ROUTERS)} (or pass {{name: RouterConfig}})")

@@ -361,15 +361,20 @@ class MASSModel(nn.Module):
         save_artifact(self.saved_artifact(), directory)
 
     @classmethod
-    def from_pretrained(cls, directory, base_model: nn.Module, **overrides) -> "MASSModel":
+    def from_pretrained(cls, directory, base_model: nn.Module, trust_task_order: bool = False,
+                        **overrides) -> "MASSModel":
         """Load a saved model into ``base_model`` (wrapped in place; its weights are replaced by the saved θ0).
         If loading fails, ``base_model`` is left as it was: its weights are restored from a copy taken first
-        (this costs one copy of them meanwhile)."""
+        (this costs one copy of them meanwhile). A directory whose task order is not bound to its tensors
+        (format 1, or saved before the binding existed) loads only with ``trust_task_order=True``, with a
+        warning; save it again to bind it."""
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model must be the pretrained nn.Module to load into, got "
                             f"{type(base_model).__name__}")
         detect(base_model)  # unsupported or already wrapped: refused before anything is read or changed
-        saved = read_artifact(directory)
+        if not isinstance(trust_task_order, bool):
+            raise TypeError(f"trust_task_order must be a bool, got {type(trust_task_order).__name__}")
+        saved = read_artifact(directory, trust_task_order)
         kwargs = {"router": saved.router, "heads": saved.heads, "reuse_prefix": saved.reuse_prefix,
                   "keep_merged": saved.keep_merged, "support": saved.support}
         kwargs.update(overrides)

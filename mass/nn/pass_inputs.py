@@ -116,6 +116,11 @@ def find_images(model, inputs: tuple, kwargs: dict) -> torch.Tensor:
     if images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channels but the model takes {channels} "
                          f"(shape {tuple(images.shape)}; expected (batch, {channels}, height, width))")
+    if not images.is_floating_point() and (model.arch.kind != "hf" or images.is_complex() or images.dtype == torch.bool):
+        # HF's CLIP casts integer images (uint8 pixel values, say) to float as they are, and so does MASS
+        # (README, Guarantees); an open_clip tower's conv refuses them, and so does MASS, naming the dtype.
+        raise TypeError(f"images are {images.dtype}: this {model.arch.kind} model takes floating-point images "
+                        f"(preprocessed pixel values), e.g. images.float() after your normalisation")
     size = model.arch.image_size
     if size is not None and tuple(images.shape[-2:]) != size:
         raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} but the model takes {size[0]}x{size[1]} "

@@ -14,8 +14,10 @@ Every refusal is a :class:`SavedModelError` naming the field or tensor.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import re
 from typing import Mapping, Optional
 
 import torch
@@ -43,6 +45,7 @@ CONFIG_FIELDS = {
     "has_heads": ("bool",),
     "storage_factor": _NUMBER,
     "support": ("object", "null"),
+    "task_digests": ("object", "null"),
 }
 V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
 ROUTER_FIELDS = {
@@ -76,6 +79,7 @@ SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("strin
 # without them is an unwhitened one (whiten 0).
 _KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
                "list": "a list", "object": "an object"}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_KINDS = ("base", "lowrank", "dense", "heads", "support")
 _SUPPORT_TENSORS = ("scale", "basis", "centre", "whitener")
 
@@ -145,6 +149,7 @@ def check_config(config: dict) -> dict:
     if isinstance(router, dict):
         config["router"] = {**(ROUTER_V1_DEFAULTS if version == 1 else {}), **ROUTER_V2_DEFAULTS, **router}
     config.setdefault("support", None)
+    config.setdefault("task_digests", None)  # files written before the task order was bound (format 1 included)
     _check_fields(config, {**CONFIG_FIELDS, **(V1_ONLY_FIELDS if version == 1 else {})}, "")
     if config["architecture"] not in ARCHITECTURES:
         raise _field_error("architecture", f"must be one of {ARCHITECTURES}, got {config['architecture']!r}")
@@ -158,6 +163,14 @@ def check_config(config: dict) -> dict:
     for key, rank in config["ranks"].items():
         if json_kind(rank) != "int" or rank < 1:
             raise _field_error(f"ranks.{key}", f"must be an int >= 1, got {rank!r}")
+    digests = config["task_digests"]
+    if digests is not None:
+        if set(digests) != set(tasks):
+            raise _field_error("task_digests", f"must name exactly the tasks {tasks}: missing "
+                                               f"{sorted(set(tasks) - set(digests))}, extra {sorted(set(digests) - set(tasks))}")
+        bad = [t for t, d in digests.items() if json_kind(d) != "string" or not _HEX64.fullmatch(d)]
+        if bad:
+            raise _field_error("task_digests", f"must hold a SHA-256 (64 hex digits) per task, not for {bad}")
     if config["keep_merged"] not in KEEP_MERGED:
         raise _field_error("keep_merged", f"must be one of {KEEP_MERGED}, got {config['keep_merged']!r}")
     if not config["storage_factor"] >= 1:
@@ -276,15 +289,95 @@ def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
             raise SavedModelError(f"saved tensors: {name!r} contains NaN or Inf")
 
 
+def task_digests(tasks: list, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """{task: SHA-256 of that task's own entries of every stacked tensor (``lowrank/``, ``dense/``), in name
+    order}: the config stores them, so its task order is bound to the tensors (a reordered task list fails to
+    load even when its file checksum was recomputed)."""
+    stacked = sorted(n for n in tensors if n.startswith(("lowrank/", "dense/")))
+    out = {}
+    for t, task in enumerate(tasks):
+        digest = hashlib.sha256(b"mass-task\0")
+        for name in stacked:
+            entry = tensors[name].detach()[t].cpu().contiguous()
+            digest.update(f"\0{name}\0{entry.dtype}\0{tuple(entry.shape)}\0".encode("utf-8"))
+            digest.update(entry.reshape(-1).view(torch.uint8).numpy())
+        out[task] = digest.hexdigest()
+    return out
+
+
+def _check_task_order(config: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The config's task order is the one the tensors were saved in (its per-task digests), when it has them."""
+    saved = config["task_digests"]
+    if saved is None:
+        return
+    tasks = config["tasks"]
+    found = task_digests(tasks, tensors)
+    wrong = [t for t in tasks if found[t] != saved[t]]
+    if wrong:
+        owner = {d: t for t, d in saved.items()}
+        held = [owner.get(found[t]) for t in tasks]
+        if None in held:
+            raise SavedModelError(f"saved tensors: the entries of task(s) {[t for t, h in zip(tasks, held) if h is None]} "
+                                  f"differ from the tensors they were saved with (per-task digests): the file was edited")
+        raise _field_error("tasks", f"is not in the order the tensors were saved in: the entries listed as {wrong} "
+                                    f"hold the tensors of {[h for t, h in zip(tasks, held) if t in wrong]} (per-task "
+                                    f"digests); the task list {tasks} was reordered (the tensors' order is {held})")
+
+
+def _stacked_count(parts: Mapping[str, dict], dense: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+    """How many tasks the stacked tensors hold (their first dimension, where they agree), and one of them."""
+    for key, p in parts.items():
+        for part in "USV":
+            if part in p and p[part].dim() >= 1:
+                return p[part].shape[0], f"lowrank/{key}/{part}"
+    for key, value in dense.items():
+        if value.dim() >= 1:
+            return value.shape[0], f"dense/{key}"
+    return -1, ""
+
+
+def _check_task_list(config: dict, parts, dense, heads) -> None:
+    """Before any shape: the task list against the heads' names and the stacked tensors' task count, naming
+    what is missing or extra (an extra task in a config would otherwise be blamed on some tensor's shape)."""
+    tasks = config["tasks"]
+    if config["has_heads"] and set(heads) != set(tasks):
+        raise _field_error("tasks", f"does not match the saved heads {sorted(heads)}: tasks without a head "
+                                    f"{[t for t in tasks if t not in heads]}, heads of no listed task "
+                                    f"{sorted(set(heads) - set(tasks))}")
+    count, name = _stacked_count(parts, dense)
+    if count >= 0 and count != len(tasks):
+        raise _field_error("tasks", f"lists {len(tasks)} tasks {tasks} but the saved tensors hold {count} "
+                                    f"(the first dimension of {name}): "
+                                    + ("the list names tasks that were not saved" if count < len(tasks)
+                                       else "the list lacks saved tasks"))
+
+
+def _check_tensor_set(base: Mapping[str, torch.Tensor], lowrank: Mapping, dense: Mapping) -> None:
+    """Every floating pretrained weight has its tasks' values: the factors of a matrix (``lowrank/``), the whole
+    values of anything else (``dense/``); name what is missing."""
+    missing = [f"lowrank/{k}" if v.dim() == 2 else f"dense/{k}" for k, v in base.items()
+               if v.is_floating_point() and k not in lowrank and k not in dense]
+    if missing:
+        raise SavedModelError(f"saved tensors: missing {_some(missing)}: every floating pretrained weight needs "
+                              f"its tasks' values (factors for a matrix, whole values otherwise)")
+
+
+def _some(names, n: int = 5) -> str:
+    names = sorted(names)
+    return f"{names[:n]}" + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]):
     """(TaskDecomposition, heads or None) from a checked config and the saved tensors, after checking that
-    they agree: every stacked tensor holds ``len(tasks)`` entries, ranks and shapes match, one head per task."""
+    they agree: the task list first (heads, task count, the per-task digests that bind its order), then the
+    set of tensors, ranks and shapes."""
     base, parts, dense, heads = _split_names(tensors)
     T = len(config["tasks"])
     if not base:
         raise SavedModelError("saved tensors: no pretrained weights (base/...)")
     if not parts:
         raise SavedModelError("saved tensors: no low-rank factors (lowrank/...)")
+    _check_task_list(config, parts, dense, heads)
     lowrank = {}
     for key, p in parts.items():
         missing = [x for x in "USV" if x not in p]
@@ -314,16 +407,16 @@ def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]
         if tuple(value.shape) != want or not value.is_floating_point():
             raise SavedModelError(
                 f"saved tensors: dense/{key} has shape {tuple(value.shape)} ({value.dtype}), expected {want}")
+    _check_tensor_set(base, lowrank, dense)
+    _check_finite(tensors)
+    _check_task_order(config, tensors)
     if config["has_heads"]:
-        if set(heads) != set(config["tasks"]):
-            raise _field_error("tasks", f"does not match the saved heads {sorted(heads)}")
         for task, head in heads.items():
             if head.dim() != 2 or not head.is_floating_point():
                 raise SavedModelError(f"saved tensors: heads/{task} must be a 2-D floating tensor, "
                                       f"got {tuple(head.shape)} {head.dtype}")
     elif heads:
         raise _field_error("has_heads", f"is false but the tensors hold heads {sorted(heads)[:5]}")
-    _check_finite(tensors)
     dec = TaskDecomposition(tasks=list(config["tasks"]), base=base, lowrank=lowrank, dense=dense)
     if dec.storage_factor() != config["storage_factor"]:
         raise _field_error("storage_factor", f"is {config['storage_factor']!r} but the tensors give "

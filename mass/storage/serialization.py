@@ -9,9 +9,14 @@ directory (mode from the umask), fsyncs it, renames it over ``mass_model.safeten
 and fsyncs the directory. Until that rename the previous model is untouched; after it the new one is complete.
 An interrupted save leaves at most a hidden ``.mass_model.safetensors.*.tmp`` file, which no load reads.
 
+The config's ``task_digests`` (one SHA-256 per task over that task's entries of every stacked tensor) bind the
+task order to the tensors: a reordered task list fails to load even when the checksum was recomputed.
+
 Format 1 (read only): ``mass_config.json`` + ``mass_factors.safetensors`` with the tensors' SHA-256 in the
-config. It is still loaded, with the same strict checks, and a warning: its config is not covered by a
-checksum, so a reordered task list cannot be detected; saving it again upgrades it (and removes the old files).
+config. Its config is not covered by a checksum and nothing in it binds the task order (no per-task digest,
+and the stacked tensors carry no task names), so a reordered task list cannot be detected: it is refused unless
+loaded with ``trust_task_order=True`` (with the same strict checks, and a warning); saving it again upgrades
+it (and removes the old files). A format-2 file written before ``task_digests`` existed is treated the same.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from mass.files.atomic import atomic_write, file_sha256, fsync_path, regular_file_problem
 from mass.storage.saved_format import (
     SavedModel, SavedModelError, check_config, config_of, decomposition_from_tensors, decomposition_tensors,
-    parse_config, router_config, support_from_tensors,
+    parse_config, router_config, support_from_tensors, task_digests,
 )
 
 __all__ = ["MODEL_NAME", "SavedModelError", "read_artifact", "read_saved", "save_artifact"]
@@ -58,6 +63,7 @@ def save_artifact(saved: SavedModel, directory) -> None:
     directory = Path(directory)
     config = config_of(saved)
     tensors = decomposition_tensors(saved.decomposition, saved.heads, saved.support)
+    config["task_digests"] = task_digests(config["tasks"], tensors)  # binds the task order to the tensors
     try:  # the checks a load applies, before anything is written
         check_config(config)
         text = json.dumps(config, indent=1, allow_nan=False)
@@ -135,31 +141,51 @@ def _read_v1(directory: Path):
         raise SavedModelError(f"{tensor_path} is truncated or corrupted (its SHA-256 differs from the saved one)")
     _, tensors = _read_tensors(tensor_path)
     dec, heads = decomposition_from_tensors(config, tensors)
-    warnings.warn(f"{directory} is a format-1 MASS model: its config is not covered by a checksum. "
-                  f"Load it and call save_pretrained again to upgrade it to format 2.", UserWarning, stacklevel=3)
     return config, dec, heads, None
 
 
-def _read(directory) -> tuple:
-    """(config, decomposition, heads or None, router calibration or None), after checking all of it."""
+def _unbound(directory: Path, version: int) -> str:
+    what = ("a format-1 MASS model: its config is not covered by a checksum and its task order is not bound to "
+            "its tensors" if version == 1 else
+            "a MASS model saved before each task's name was bound to its tensors (its config has no task_digests)")
+    return (f"{directory} is {what}, so a reordered task list would run one task's blocks under another's name "
+            f"unseen")
+
+
+def _read(directory, trust_task_order: bool = False) -> tuple:
+    """(config, decomposition, heads or None, router calibration or None), after checking all of it. A file
+    whose task order is not bound to its tensors (format 1, or format 2 without ``task_digests``) is refused
+    unless ``trust_task_order``; then it loads with a warning, and saving it again binds the order."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SavedModelError(f"{directory} is not a saved MASS model (not a directory)")
     if os.path.lexists(directory / MODEL_NAME):
-        return _read_v2(directory / MODEL_NAME)
-    if os.path.lexists(directory / LEGACY_CONFIG_NAME):
-        return _read_v1(directory)
-    raise SavedModelError(f"{directory} is not a saved MASS model (it has no {MODEL_NAME})")
+        read = _read_v2(directory / MODEL_NAME)
+    elif os.path.lexists(directory / LEGACY_CONFIG_NAME):
+        read = _read_v1(directory)
+    else:
+        raise SavedModelError(f"{directory} is not a saved MASS model (it has no {MODEL_NAME})")
+    config = read[0]
+    if config["task_digests"] is None:
+        if not trust_task_order:
+            raise SavedModelError(
+                f"{_unbound(directory, config['format_version'])}. If you trust this directory, load it with "
+                f"MASSModel.from_pretrained(..., trust_task_order=True) and call save_pretrained again: the new "
+                f"file binds the order")
+        warnings.warn(f"{_unbound(directory, config['format_version'])}; loaded as trusted "
+                      f"(trust_task_order=True). Call save_pretrained again to upgrade it.", UserWarning, stacklevel=4)
+    return read
 
 
-def read_saved(directory) -> tuple:
+def read_saved(directory, trust_task_order: bool = False) -> tuple:
     """(config, decomposition, heads or None) of a saved MASS directory, after checking all of it."""
-    return _read(directory)[:3]
+    return _read(directory, trust_task_order)[:3]
 
 
-def read_artifact(directory) -> SavedModel:
-    """The :class:`SavedModel` in ``directory``, after checking all of it (:class:`SavedModelError` if not)."""
-    config, dec, heads, support = _read(directory)
+def read_artifact(directory, trust_task_order: bool = False) -> SavedModel:
+    """The :class:`SavedModel` in ``directory``, after checking all of it (:class:`SavedModelError` if not);
+    ``trust_task_order``: see :func:`_read`."""
+    config, dec, heads, support = _read(directory, trust_task_order)
     return SavedModel(architecture=config["architecture"], model_class=config["model_class"],
                       router=router_config(config), reuse_prefix=config["reuse_prefix"],
                       keep_merged=config["keep_merged"], decomposition=dec, heads=heads, support=support)

@@ -117,7 +117,14 @@ def _routers(args) -> dict:
 
     from mass.evaluation.protocol import resolve_routers
 
-    configs = resolve_routers(_csv(args.routers))
+    names = _csv(args.routers)
+    if not names:
+        raise UserError(f"--routers names no router (got {args.routers!r}): give a comma list of paper, top1, "
+                        f"recommended, energy, few-example")
+    try:
+        configs = resolve_routers(names)
+    except ValueError as exc:
+        raise UserError(f"--routers: {exc}") from None
     if args.unknown_threshold is not None and args.unknown is None:
         raise UserError("--unknown-threshold needs --unknown pretrained|merged")
     if args.unknown is not None:
@@ -155,11 +162,23 @@ def _tokenizer(source):
         raise UserError(f"{source!r} has no usable tokenizer for the zero-shot heads ({exc})") from exc
 
 
+def _json_file(path: str, flag: str):
+    """The JSON a flag's file holds; a missing file or invalid JSON names the flag and the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag} {path}: cannot read the file ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag} {path}: not valid JSON ({exc})") from None
+
+
 def run(args) -> int:
     from mass.nn.clip import load_clip, load_vision, vision_encoder
     from mass.evaluation.data import ClipPreprocess, load_task_data
     from mass.evaluation.protocol import evaluate
-    from mass.evaluation.heads import zero_shot_heads
+    from mass.evaluation.heads import templates_for, zero_shot_heads
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -170,8 +189,8 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     pretrained, text_source, finetuned, data_sources = _plan(args)
     _check_support_split(args, data_sources)
-    templates = json.loads(Path(args.templates).read_text()) if args.templates else None
-    classes = json.loads(Path(args.classes).read_text()) if args.classes else {}
+    templates = _json_file(args.templates, "--templates") if args.templates else None
+    classes = _json_file(args.classes, "--classes") if args.classes else {}
     if not isinstance(classes, dict):
         raise UserError("--classes must hold a JSON object {task: [class names]}")
     try:
@@ -188,6 +207,7 @@ def run(args) -> int:
             for t, (src, cfg, split) in data_sources.items()}
     names = {t: [c.replace("_", " ") for c in d.classes] for t, d in data.items()}
     heads = zero_shot_heads(clip, _tokenizer(text_source), names, templates=templates)
+    used_templates = {t: templates_for(t, templates) for t in data}  # recorded: a table traces to its inputs
     support_data = None
     if args.support_split is not None:
         support_data = {t: load_task_data(src, preprocess, t, split=args.support_split, config=cfg,
@@ -198,7 +218,8 @@ def run(args) -> int:
                       support_per_task=args.support_per_task, support_data=support_data)
     result.config.update(pretrained=str(pretrained), text_model=str(text_source), preset=args.preset,
                          finetuned={t: str(c) for t, c in finetuned.items()},
-                         data={t: str(s[0]) for t, s in data_sources.items()}, limit=args.limit)
+                         data={t: str(s[0]) for t, s in data_sources.items()}, limit=args.limit,
+                         classes=names, templates=used_templates)
     paths = result.save(args.out)
     print(result.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths))
