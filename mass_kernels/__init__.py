@@ -64,7 +64,9 @@ def lowrank_linear(
 
     x (N, in); weight (out, in); bias (out,) or None; U (T, out, k); S (T, k); V (T, k, in);
     row_tasks (N,) or (N, K) integer, -1 = no task block in that slot; row_weights like row_tasks
-    (default 1); task_bias (T, out) optional per-task bias deltas. Returns (N, out) in x's dtype.
+    (default 1); task_bias (T, out) optional per-task bias deltas. Returns (N, out) in x's dtype. Every input
+    but row_tasks must be floating point (a ValueError names the dtypes); mixed floating dtypes are computed in
+    fp32 on the CPU, and with the weights cast to x's dtype on the Triton path (fp32 for fp32 activations).
     One custom op, ``torch.ops.mass.lowrank_linear``; on the Triton path the candidate measured fastest by
     :func:`warmup` for the shape serves the call (``MASS_LOWRANK_IMPL=fused|vendor`` overrides).
     """

@@ -766,3 +766,285 @@ def test_cli_as_a_process_prints_one_error_line(tmp_path, argv, message):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("mass: error:") and message in lines[-1], proc.stderr
     assert sum(l.startswith("mass: error:") for l in lines) == 1 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+# Checkpoint structure, checked both ways: every key maps to a parameter of the model, or is refused, named.
+STRUCTURE_CASES = [
+    ("one_more_block", lambda sd: make_setup_deeper(), r"'bad' has 16 unexpected keys that the pretrained model "
+                                                       r"lacks: \['encoder\.layers\.4\.layer_norm1\.bias'"),
+    ("projection_the_tower_lacks", lambda sd: {**sd, "visual_projection.weight": torch.zeros(16, 32)},
+     r"'bad' has 1 unexpected keys that the pretrained model lacks: \['visual_projection\.weight'\]"),
+    ("unknown_key_beside_a_text_tower", lambda sd: {**sd, "text_model.x.weight": torch.zeros(2), "head.weight": torch.zeros(2)},
+     r"'bad' has 1 unexpected keys that the pretrained model lacks: \['head\.weight'\]"),
+]
+
+
+def make_setup_deeper():
+    """A fine-tuned state dict of the test encoder with one more block (5 instead of 4)."""
+    from mass.method.synthetic import finetuned_like
+
+    return finetuned_like(build_model("hf", layers=5), 1, scale=0.1, seed=3)["task0"]
+
+
+@pytest.mark.parametrize("edit,message", [c[1:] for c in STRUCTURE_CASES], ids=[c[0] for c in STRUCTURE_CASES])
+@pytest.mark.parametrize("entry", ["merge", "open_finetuned"])
+def test_checkpoint_structure_is_checked_both_ways(ckpts, entry, edit, message, monkeypatch):
+    """An extra block of a deeper encoder, or a key the model lacks, used to be dropped without a word."""
+    base, finetuned = ckpts
+    bad = edit(dict(finetuned["task1"]))
+    if entry == "open_finetuned":
+        with pytest.raises(CheckpointError, match=message):
+            open_finetuned(base, {"good": finetuned["task0"], "bad": bad})
+        return
+    monkeypatch.setattr("mass.nn.merge.decompose", lambda *a, **k: pytest.fail("decompose ran"))
+    with pytest.raises(CheckpointError, match=message):
+        mass.merge(build_model("hf"), {"good": finetuned["task0"], "bad": bad}, progress=False)
+
+
+def test_open_clip_keys_are_checked_both_ways_through_the_conversion():
+    from mass.method.synthetic import OpenCLIPStyleViT
+
+    two = {"visual." + k: v for k, v in OpenCLIPStyleViT(width=32, layers=2).state_dict().items()}
+    one = OpenCLIPStyleViT(width=32, layers=1)
+    target = list(openclip_to_hf({"visual." + k: v for k, v in one.state_dict().items()},
+                                 _hf_keys_of(one)).keys())
+    with pytest.raises(CheckpointError, match=r"'deep' has \d+ unexpected keys under the prefix 'visual\.' that the "
+                                              r"pretrained model lacks \(open_clip names\): \['visual\.transformer\.resblocks\.1\."):
+        openclip_to_hf(two, target, "deep")
+    no_proj = [k for k in target if not k.startswith("visual_projection")]
+    one_sd = {"visual." + k: v for k, v in one.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"unexpected keys .*\['visual\.proj'\]"):
+        openclip_to_hf(one_sd, no_proj, "proj")
+    text = {**one_sd, "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3), "token_embedding.weight": torch.zeros(2),
+            "logit_scale": torch.zeros(())}
+    with pytest.warns(UserWarning, match=r"checkpoint 'full': skipped 3 keys of a full CLIP model's text tower .*"
+                                         r"\['logit_scale', 'token_embedding\.weight', 'transformer\.resblocks\.0"):
+        got = openclip_to_hf(text, target, "full")
+    want = openclip_to_hf(one_sd, target, "full")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _hf_keys_of(oc):
+    """The HF key names of an open_clip tower's twin (as tests/test_cli_and_convert.py builds it)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    width = oc.conv1.out_channels
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=len(oc.transformer.resblocks),
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=oc.proj.shape[1])
+    return list(CLIPVisionModelWithProjection(cfg).state_dict().keys())
+
+
+def test_a_full_clip_checkpoints_text_tower_is_skipped_with_a_warning_naming_it(ckpts):
+    """The documented allow-list: the merge equals the merge of the vision keys alone, and one warning per
+    checkpoint names the keys skipped."""
+    _, finetuned = ckpts
+    text = {"text_model.encoder.layers.0.mlp.fc1.weight": torch.ones(4, 4), "text_projection.weight": torch.ones(2, 4),
+            "logit_scale": torch.tensor(2.0)}
+    full = {**finetuned, "task1": {**finetuned["task1"], **text}}
+    heads = {t: torch.ones(2, 32) for t in finetuned}
+    with pytest.warns(UserWarning, match=r"checkpoint 'task1': skipped 3 keys of a full CLIP model's text tower "
+                                         r"\(only the vision tower is merged\): \['logit_scale', 'text_model\.encoder"):
+        got = mass.merge(build_model("hf"), full, progress=False, router=mass.RouterConfig(layer=2), heads=heads)
+    want = mass.merge(build_model("hf"), finetuned, progress=False, router=mass.RouterConfig(layer=2), heads=heads)
+    assert_same_artifact((got.decomposition(), heads), want)
+
+
+# Saved task order, bound to the tensors.
+def _swap(config, tensors, order=(1, 0, 2)):
+    """The stacked tensors' task entries permuted by ``order`` (config unchanged)."""
+    out = dict(tensors)
+    for name, value in tensors.items():
+        if name.startswith(("lowrank/", "dense/")):
+            out[name] = value[list(order)].contiguous()
+    return out
+
+
+def test_a_reordered_task_list_fails_to_load_in_both_formats(saved, tmp_path):
+    config, tensors, _ = saved
+    reordered = {**config, "tasks": ["task1", "task0", "task2"]}
+    forge(tmp_path / "v2", reordered, tensors)  # checksum recomputed: the file is intact, its meaning is not
+    with pytest.raises(SavedModelError, match=r"'tasks' is not in the order the tensors were saved in: the entries "
+                                              r"listed as \['task1', 'task0'\] hold the tensors of \['task0', 'task1'\]"
+                                              r" \(per-task digests\); the task list .* was reordered"):
+        read_saved(tmp_path / "v2")
+    forge(tmp_path / "tensors", config, _swap(config, tensors))  # the same, done on the tensors' side
+    with pytest.raises(SavedModelError, match=r"was reordered \(the tensors' order is \['task1', 'task0', 'task2'\]\)"):
+        read_saved(tmp_path / "tensors")
+    edited = dict(tensors)
+    key = next(k for k in tensors if k.startswith("lowrank/") and k.endswith("/U"))
+    edited[key] = tensors[key].clone()
+    edited[key][2, 0, 0] += 1.0
+    forge(tmp_path / "edited", config, edited)
+    with pytest.raises(SavedModelError, match=r"the entries of task\(s\) \['task2'\] differ from the tensors they were "
+                                              r"saved with \(per-task digests\)"):
+        read_saved(tmp_path / "edited")
+    # format 1 holds nothing that binds the order (no per-task digest, no task name on a stacked tensor, the
+    # config outside any checksum): a format-1 directory is refused unless trusted, the edit included
+    forge_v1(tmp_path / "v1", reordered, tensors)
+    with pytest.raises(SavedModelError, match=r"is a format-1 MASS model: .*task order is not bound to its tensors"):
+        read_saved(tmp_path / "v1")
+    # so is a format-2 file written before the binding existed (no task_digests), reordered or not
+    old = {k: v for k, v in reordered.items() if k != "task_digests"}
+    forge(tmp_path / "old", old, tensors)
+    with pytest.raises(SavedModelError, match=r"saved before each task's name was bound to its tensors \(its config "
+                                              r"has no task_digests\).*trust_task_order=True"):
+        mass.MASSModel.from_pretrained(tmp_path / "old", base_model=build_model("hf"))
+    with pytest.warns(UserWarning, match=r"no task_digests.*loaded as trusted"):
+        assert read_saved(tmp_path / "old", trust_task_order=True)[0]["tasks"] == ["task1", "task0", "task2"]
+
+
+def _no_heads(config, tensors):
+    return {**config, "has_heads": False}, {k: v for k, v in tensors.items() if not k.startswith("heads/")}
+
+
+def _extra_task(config, tensors, heads=True):
+    config = {**config, "tasks": config["tasks"] + ["task3"], "task_digests": {**config["task_digests"], "task3": "0" * 64}}
+    return (config, tensors) if heads else _no_heads(config, tensors)
+
+
+def _drop_dense_bias(config, tensors):
+    key = next(k for k in tensors if k.startswith("dense/") and k.endswith(".bias"))
+    return config, {k: v for k, v in tensors.items() if k != key}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c, t: _extra_task(c, t), r"'tasks' does not match the saved heads .*tasks without a head \['task3'\]"),
+    (lambda c, t: _extra_task(c, t, heads=False),
+     r"'tasks' lists 4 tasks \['task0', 'task1', 'task2', 'task3'\] but the saved tensors hold 3 .*names tasks that "
+     r"were not saved"),
+    (_drop_dense_bias, r"saved tensors: missing \['dense/.*\.bias'\]: every floating pretrained weight needs"),
+], ids=["extra_task_with_heads", "extra_task_without_heads", "dense_missing_bias"])
+def test_task_lists_and_tensor_sets_are_checked_first_naming_what_is_missing_or_extra(saved, tmp_path, edit, message):
+    """An extra task used to be blamed on some tensor's shape, a missing dense bias on the storage factor."""
+    config, tensors, _ = saved
+    config, tensors = edit(copy.deepcopy(config), dict(tensors))
+    forge(tmp_path / "m", config, tensors)
+    with pytest.raises(SavedModelError, match=message):
+        read_saved(tmp_path / "m")
+
+
+def test_inspect_of_an_unbound_directory_warns_on_one_line(saved, tmp_path, capsys):
+    config, tensors, _ = saved
+    forge(tmp_path / "old", {k: v for k, v in config.items() if k != "task_digests"}, tensors)
+    assert main(["inspect", str(tmp_path / "old")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mass: warning:") and "no task_digests" in err[0], err
+
+
+# A refused merge leaves the model already in --out loadable bit for bit.
+@pytest.fixture(scope="module")
+def refusal_files(cli_root):
+    from mass.method.synthetic import finetuned_like
+
+    sd = {k: v.contiguous() for k, v in make_setup("hf")[1]["task1"].items()}
+    save_file({k: v.contiguous() for k, v in finetuned_like(build_model("hf", layers=5), 1, seed=4)["task0"].items()},
+              str(cli_root / "deeper.safetensors"))
+    save_file({**sd, "visual_projection.weight": torch.zeros(16, 32)}, str(cli_root / "proj.safetensors"))
+    key = _matrix_key(sd)
+    save_file({**sd, key: sd[key] * float("nan")}, str(cli_root / "nan.safetensors"))
+    return cli_root
+
+
+REFUSED_MERGES = [
+    ("one_more_block", ["b=ROOT/deeper.safetensors"], "'b' has 16 unexpected keys that the pretrained model lacks"),
+    ("projection_the_tower_lacks", ["b=ROOT/proj.safetensors"], "unexpected keys that the pretrained model lacks: "
+                                                                "['visual_projection.weight']"),
+    ("int_weights", ["i=ROOT/int.safetensors"], "these weights are not floating point"),
+    ("ema_copy", ["e=ROOT/ema.safetensors"], "more than once"),
+    ("nan", ["n=ROOT/nan.safetensors"], "contains NaN or Inf"),
+    ("same_twice", ["b=ROOT/t0.safetensors"], "checkpoints 'a' and 'b' are the same weights"),
+    ("missing", ["m=ROOT/none.safetensors"], "'m': no such file"),
+]
+
+
+@pytest.mark.parametrize("extra,message", [c[1:] for c in REFUSED_MERGES], ids=[c[0] for c in REFUSED_MERGES])
+def test_a_refused_merge_leaves_the_model_in_out_loadable_bit_for_bit(refusal_files, model, tmp_path, capsys,
+                                                                      extra, message):
+    root = refusal_files
+    out = tmp_path / "good"
+    shutil.copytree(root / "saved", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = MERGE + extra + ["--layer", "2", "--out", str(out)]
+    rc = main([a.replace("ROOT", str(root)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("mass: error:") == 1 and message in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert_same_model(mass.MASSModel.from_pretrained(out, base_model=build_model("hf")), model)
+
+
+# mass eval's inputs.
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    """A full tiny CLIP directory, two fine-tuned towers of it and image folders root/data/<task>/<class>/*."""
+    from _clip_fixtures import finetuned_towers, save_clip, task_images, tiny_clip, write_image_folders, write_tokenizer
+    from mass.nn.clip import vision_encoder
+
+    root = tmp_path_factory.mktemp("eval24")
+    tok = write_tokenizer(root / "tok")
+    clip = tiny_clip(tok, layers=2)
+    save_clip(root / "clip", clip, tok)
+    for name, sd in finetuned_towers(vision_encoder(clip), 2).items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / f"{name}.safetensors"))
+    write_image_folders(root / "data", task_images({"task0": ["a", "b"], "task1": ["c", "d", "e"]}, per_class=2))
+    return root
+
+
+EVAL = ["eval", "--pretrained", "ROOT/clip", "--finetuned", "task0=ROOT/task0.safetensors",
+        "task1=ROOT/task1.safetensors", "--methods", "individual,mass", "--no-latency", "--quiet", "--out", "TMP/out"]
+EVAL_CASES = [
+    ("routers_empty", ["--data-root", "ROOT/data", "--routers", ""], "--routers names no router (got '')"),
+    ("routers_blank_list", ["--data-root", "ROOT/data", "--routers", " , "], "--routers names no router"),
+    ("routers_unknown", ["--data-root", "ROOT/data", "--routers", "paper,bogus"],
+     "--routers: unknown router(s) ['bogus']"),
+    ("templates_not_json", ["--data-root", "ROOT/data", "--templates", "TMP/t.json"],
+     "--templates TMP/t.json: not valid JSON"),
+    ("templates_missing", ["--data-root", "ROOT/data", "--templates", "TMP/none.json"],
+     "--templates TMP/none.json: cannot read the file"),
+    ("classes_not_json", ["--data-root", "ROOT/data", "--classes", "TMP/t.json"], "--classes TMP/t.json: not valid JSON"),
+    ("data_missing_absolute", ["--data", "task0=ROOT/data/tsk0", "task1=ROOT/data/task1"],
+     "data for task 'task0': the local path ROOT/data/tsk0 does not exist"),
+    ("data_missing_relative", ["--data", "task0=data/tsk0", "task1=data/task1"],
+     "data for task 'task0': the local path data/tsk0 does not exist (resolved to ROOT/data/tsk0; data does exist)"),
+    ("data_missing_hub_shaped", ["--data", "task0=dta/task0", "task1=data/task1"],
+     "data for task 'task0': no local directory dta/task0 (resolved to ROOT/dta/task0); as a hub dataset id:"),
+    ("empty_class_folder", ["--data", "task0=TMP/task0", "task1=ROOT/data/task1"],
+     "image folder TMP/task0: class folder(s) ['zz_empty'] hold no images"),
+]
+
+
+@pytest.mark.parametrize("argv,message", [c[1:] for c in EVAL_CASES], ids=[c[0] for c in EVAL_CASES])
+def test_mass_eval_input_mistakes_are_usage_errors(eval_root, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(eval_root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "t.json").write_text("{not json")
+    shutil.copytree(eval_root / "data" / "task0", tmp_path / "task0")
+    (tmp_path / "task0" / "zz_empty").mkdir()
+    sub = lambda s: s.replace("ROOT", str(eval_root)).replace("TMP", str(tmp_path))  # noqa: E731
+    rc = main([sub(a) for a in EVAL + argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and [l for l in lines if l.startswith("mass: error:")] == [lines[-1]], err
+    assert sub(message) in lines[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mass_eval_skips_hidden_folders_and_records_classes_and_templates(eval_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(eval_root / "data", data)
+    for hidden in (data / ".ipynb_checkpoints", data / "task0" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        shutil.copy(next((data / "task0" / "class_0").iterdir()), hidden / "000.png")
+    shutil.copy(next((data / "task0" / "class_0").iterdir()), data / "task0" / "class_0" / "._000.png")
+    templates = {"task0": ["a photo of {}."], "task1": ["a {} texture.", "art of {}."]}
+    (tmp_path / "templates.json").write_text(json.dumps(templates))
+    argv = [a.replace("ROOT", str(eval_root)).replace("TMP", str(tmp_path)) for a in EVAL]
+    argv[argv.index("individual,mass")] = "individual"
+    assert main(argv + ["--data-root", str(data), "--templates", str(tmp_path / "templates.json")]) == 0, \
+        capsys.readouterr().err
+    got = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert got["config"]["classes"] == {"task0": ["class 0", "class 1"], "task1": ["class 0", "class 1", "class 2"]}
+    assert got["config"]["templates"] == templates
+    from mass.evaluation.data import ClipPreprocess, ImageFolderData
+
+    assert len(ImageFolderData(data / "task0", ClipPreprocess())) == 4  # the hidden ._000.png is not an image

@@ -6,8 +6,10 @@ A saved model is a JSON config plus named tensors (``base/<key>``, ``lowrank/<ke
 - the config: every field has exactly one JSON type (``true`` is not an int, ``"false"`` is not a bool, NaN and
   Infinity are not numbers), unknown and missing fields are refused, values are range-checked (the router's
   through :class:`~mass.method.router.RouterConfig`);
-- the tensors against the config: the task count of every stacked tensor, the ranks, the shapes against the
-  pretrained weights, one head per task when heads are saved, every floating value finite.
+- the tensors against the config: the task list first (one head per task when heads are saved, the task count
+  of the stacked tensors), then the set of tensors (every floating pretrained weight has its tasks' values),
+  the ranks, the shapes against the pretrained weights, every floating value finite, and the per-task digests
+  (``task_digests``) that bind the config's task order to the tensors.
 
 Every refusal is a :class:`SavedModelError` naming the field or tensor.
 """
