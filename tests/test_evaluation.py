@@ -256,7 +256,7 @@ def test_data_sources_agree(bench, tmp_path):
         load_task_data(str(saved), pre, "task1", split="validation")
     with pytest.raises(DataError, match="no images"):
         ImageFolderData(tmp_path, pre)
-    with pytest.raises(DataError, match="neither a directory nor a hub"):
+    with pytest.raises(DataError, match="the local path /no/such/dir does not exist"):
         load_task_data("/no/such/dir", pre, "x")
 
 
