@@ -21,12 +21,14 @@ logger = logging.getLogger("mass.serve")
 
 def app(directory, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
         threads: Optional[int] = None, cpus_per_replica: Optional[float] = None, limits: Optional[Limits] = None,
-        name: str = "MASS"):
+        name: str = "MASS", deployment_options: Optional[dict] = None):
     """A Ray Serve application serving the self-contained MASS directory ``directory``.
 
     ``replicas``: copies of the model (each loads it once); ``max_batch_size`` images per forward, waiting at
     most ``batch_wait_ms`` for a batch to fill; ``threads``: torch threads per replica (default: torch's);
-    ``cpus_per_replica``: the CPUs Ray reserves for each (default ``threads`` or 1)."""
+    ``cpus_per_replica``: the CPUs Ray reserves for each (default ``threads`` or 1); ``limits``: what one request
+    may carry (:class:`~mass.serve.api.Limits`); ``deployment_options``: more Ray Serve deployment options
+    (e.g. ``health_check_period_s``, ``autoscaling_config``)."""
     from mass.serve.deployment import MASSServer
 
     directory = Path(directory).resolve()
@@ -35,8 +37,9 @@ def app(directory, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms
 
     read_saved(directory)  # a clear error here, not in a replica's log
     cpus = cpus_per_replica if cpus_per_replica is not None else float(threads or 1)
-    deployment = MASSServer.options(name=name, num_replicas=replicas, ray_actor_options={"num_cpus": cpus},
-                                    max_ongoing_requests=max(100, 4 * max_batch_size))
+    options = {"name": name, "num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus},
+               "max_ongoing_requests": max(100, 4 * max_batch_size), **(deployment_options or {})}
+    deployment = MASSServer.options(**options)
     return deployment.bind(str(directory), max_batch_size, batch_wait_ms, threads, limits)
 
 
