@@ -20,7 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mass.serve.api import ApiError, Limits, parse_request
-from mass.serve.engine import Engine, Item, classify_answer, embed_answer
+from mass.serve.engine import Engine, Item, classify_answer, embed_answer, rss_bytes
 
 logger = logging.getLogger("ray.serve")
 API_VERSION = "v1"
@@ -136,7 +136,7 @@ class MASSServer:
 
     @api.get(f"/{API_VERSION}/health")
     def health(self):
-        return {"status": "ok", "tasks": len(self.engine.tasks), "pid": self.pid}
+        return {"status": "ok", "tasks": len(self.engine.tasks), "pid": self.pid, "rss_bytes": rss_bytes()}
 
     def check_health(self):  # Ray Serve's own health check: the replica is restarted if this raises
         if self.engine.model is None:
