@@ -153,3 +153,26 @@ def test_open_clip_tower_the_replica_cannot_rebuild_is_not_described():
     for block in tower.transformer.resblocks:
         block.mlp.gelu = QuickGELU()
     assert encoder_spec(tower, "open_clip") is None
+
+
+def test_serving_an_older_directory_names_everything_it_lacks(tmp_path, saved_hf):
+    from mass.serve.engine import check_servable  # no Ray needed: the check reads the saved config
+
+    check_servable(saved_hf)
+    shutil.copytree(saved_hf, tmp_path / "m")
+    _rewrite(tmp_path / "m", lambda c: [c.pop(k) for k in SERVING_FIELDS])
+    with pytest.raises(mass.SavedModelError, match="lacks the encoder's config, the class names of its heads, the "
+                                                   "image preprocessing.*base_model="):
+        check_servable(tmp_path / "m")
+
+
+def test_mass_serve_without_ray_says_how_to_install_it(saved_hf, monkeypatch, capsys):
+    import importlib.util
+
+    from mass.tools.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["serve", str(saved_hf)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mass: error: mass serve needs Ray Serve") and "pip install" in err

@@ -33,9 +33,9 @@ def app(directory, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms
 
     directory = Path(directory).resolve()
     _check_options(replicas, max_batch_size, batch_wait_ms, threads, cpus_per_replica)
-    from mass.storage.serialization import read_saved
+    from mass.serve.engine import check_servable
 
-    read_saved(directory)  # a clear error here, not in a replica's log
+    check_servable(directory)  # a clear error here, not in a replica's log
     cpus = cpus_per_replica if cpus_per_replica is not None else float(threads or 1)
     options = {"name": name, "num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus},
                "max_ongoing_requests": max(100, 4 * max_batch_size), **(deployment_options or {})}

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from mass.evaluation.data import ClipPreprocess
 from mass.nn.model import MASSModel, extract_embedding
-from mass.storage.saved_format import SavedModelError
+from mass.storage.saved_format import SavedModelError, check_config, parse_config
+from mass.storage.serialization import MODEL_NAME, read_saved
 
 logger = logging.getLogger("mass.serve")
 LOGIT_SCALE = 100.0
@@ -45,19 +47,50 @@ def rss_bytes() -> int:
         return 0
 
 
-def load_servable(directory) -> MASSModel:
-    """The model of a self-contained directory, with a message naming what an older one lacks for serving."""
-    model = MASSModel.from_pretrained(directory)
+def servable_problems(config: dict) -> list:
+    """What a checked saved config lacks for ``mass serve``."""
     missing = []
-    if model.heads is not None and model.class_names is None:
-        missing.append("the class names of the heads")
-    if model.preprocessing is None:
+    if config.get("encoder") is None:
+        missing.append("the encoder's config")
+    if config["has_heads"] and config.get("classes") is None:
+        missing.append("the class names of its heads")
+    if config.get("preprocess") is None:
         missing.append("the image preprocessing")
+    return missing
+
+
+def saved_config(directory) -> dict:
+    """The checked config of a saved directory; the tensors are read (and checksummed) only for format 1."""
+    path = Path(directory) / MODEL_NAME
+    if not path.is_file():
+        return read_saved(directory)[0]
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("config")
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise SavedModelError(f"{path} is truncated or corrupted (cannot read it: {exc})") from exc
+    if text is None:
+        raise SavedModelError(f"{path} is not a MASS model file (its metadata holds no config)")
+    return check_config(parse_config(text))
+
+
+def check_servable(directory) -> None:
+    """Refuse, with one message naming everything missing, a directory that cannot be served as it is (read
+    from the config alone: a replica checks the tensors and the checksum when it loads the model)."""
+    missing = servable_problems(saved_config(directory))
     if missing:
         raise SavedModelError(
-            f"{directory} cannot be served: it lacks {' and '.join(missing)} (saved by an older mass). Load it with "
-            f"MASSModel.from_pretrained(dir, base_model=...), set model.class_names / model.preprocessing, and "
-            f"save_pretrained again")
+            f"{directory} cannot be served: it lacks {', '.join(missing)} (saved by an older mass, or from an encoder "
+            f"mass cannot describe). Load it with mass.MASSModel.from_pretrained(dir, base_model=<the pretrained "
+            f"encoder>), set model.class_names = {{task: [...]}} if it has heads, and save_pretrained again")
+
+
+def load_servable(directory) -> MASSModel:
+    """The model of a self-contained directory (every check of a load, then :func:`check_servable`'s)."""
+    model = MASSModel.from_pretrained(directory)
+    check_servable(directory)
     return model
 
 
