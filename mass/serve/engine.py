@@ -11,7 +11,6 @@ routing decision can change only where two tasks' scores tie within that bound.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from mass.nn.model import MASSModel, extract_embedding
 from mass.storage.saved_format import SavedModelError, check_config, parse_config
 from mass.storage.serialization import MODEL_NAME, read_saved
 
-logger = logging.getLogger("mass.serve")
 LOGIT_SCALE = 100.0
 
 
