@@ -20,6 +20,8 @@ setup(
         "hf": ["transformers>=4.40"],
         # mass eval: hub/local datasets (datasets does not pull torchvision), PIL preprocessing, plots
         "eval": ["transformers>=4.40", "datasets>=2.14", "pillow>=10", "matplotlib>=3.7"],
+        # mass serve: Ray Serve (FastAPI, uvicorn, aiohttp, requests come with it), multipart bodies, image decoding
+        "serve": ["ray[serve]>=2.60", "python-multipart>=0.0.9", "pillow>=10", "transformers>=4.40"],
         "dev": [
             "pytest>=7",
             "pytest-benchmark>=4",
@@ -28,6 +30,8 @@ setup(
             "pillow>=10",
             "transformers>=4.40",
             "datasets>=2.14",
+            "ray[serve]>=2.60",
+            "python-multipart>=0.0.9",
         ],
     },
     entry_points={"console_scripts": ["mass=mass.tools.cli:main"]},

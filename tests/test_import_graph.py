@@ -28,6 +28,7 @@ WINGS = [
     "mass.tools.common",     # timing, memory, provenance helpers of the tools
     "mass.tools.demo",       # the offline demo
     "mass.tools.bench",      # benchmarks (may use the demo's models)
+    "mass.serve",            # the Ray Serve server (issue 22); only the CLI's `serve` imports it, lazily
     "mass.tools",            # the CLI (dispatches to the demo and benchmarks)
     "bench",                 # benchmark scripts outside the package
 ]

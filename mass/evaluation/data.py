@@ -15,10 +15,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from mass.nn.encoders import CLIP_MEAN, CLIP_STD  # OpenAI CLIP's normalisation, when a configuration gives none
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# OpenAI CLIP's normalisation, used when a configuration gives none.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DataError(ValueError):

@@ -24,6 +24,7 @@ from mass.method.support import SupportFit, check_support
 from mass.method.support import fit as fit_support
 from mass.nn.adapters import Architecture, detect, install_layers, plan_layers
 from mass.nn.banks import TaskBanks, add_merged_weights, build_banks, layer_factors, merged_needed, read_decomposition
+from mass.nn.encoders import EncoderSpecError, build_encoder, default_preprocess, encoder_spec, image_size
 from mass.nn.first_pass import routing_basis, run_first_pass
 from mass.nn.layers import MASSLinear
 from mass.nn.pass_inputs import (
@@ -33,7 +34,7 @@ from mass.nn.passes import BlockGate, PassState, ProjSwitch, TokenDeltas, proj_c
 from mass.nn.routing import empty_routing, forced_routing, route_features
 from mass.nn.second_pass import run_second_pass
 from mass.nn.unknown import unknown_pass
-from mass.storage.saved_format import SavedModel, SavedModelError
+from mass.storage.saved_format import SavedModel, SavedModelError, check_preprocess
 from mass.storage.serialization import read_artifact, save_artifact
 
 TaskIds = Union[torch.Tensor, str, int, Sequence[str], Sequence[int], Sequence[Sequence[Union[str, int]]]]
@@ -89,6 +90,8 @@ class MASSModel(nn.Module):
         keep_merged: str = "prefix",
         max_cached_combos: int = 64,
         support: Optional[SupportFit] = None,
+        class_names: Optional[Mapping[str, Sequence[str]]] = None,
+        preprocessing=None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -101,7 +104,12 @@ class MASSModel(nn.Module):
         routing_layers = router.resolved_layers(arch.n_blocks)
         tasks = check_task_names(decomposition.tasks)
         check_decomposition(decomposition, model)
+        if class_names is None and heads is not None and all(hasattr(h, "classes") for h in heads.values()):
+            class_names = {t: h.classes for t, h in heads.items()}  # mass.Heads carry their class names
         heads = check_heads(heads, tasks, arch.output_dim)
+        class_names = check_class_names(class_names, tasks, heads)
+        spec = encoder_spec(model, arch.kind)  # read before the module is wrapped
+        preprocessing = check_preprocessing(preprocessing, spec)
         support = _usable_fit(router, routing_layers, support)
         _check_fit(router, routing_layers, support, len(tasks), keep_merged)
         # Build everything on layers that are not installed yet: the module is only read until _install.
@@ -116,6 +124,7 @@ class MASSModel(nn.Module):
         self.tasks = tasks
         self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
         self.keep_merged = keep_merged
+        self.encoder_spec, self._class_names, self._preprocessing = spec, class_names, preprocessing
         self.state, self.arch, self._layers, self.banks = state, arch, layers, banks
         self._configure(router, bool(reuse_prefix), routing_layers, basis, support)
         _install(model, arch, layers, banks, state)  # the only step that touches the module; undone on failure
@@ -180,6 +189,8 @@ class MASSModel(nn.Module):
         view = MASSModel.__new__(MASSModel)
         nn.Module.__init__(view)
         view.tasks, view.ranks, view.keep_merged = self.tasks, self.ranks, self.keep_merged
+        view.encoder_spec, view._class_names = self.encoder_spec, self._class_names
+        view._preprocessing = self._preprocessing
         view.state, view.arch, view._layers, view.banks = self.state, self.arch, self._layers, self.banks
         view._configure(router, bool(reuse_prefix), routing_layers, basis, support)
         view.model = self.model
@@ -221,6 +232,26 @@ class MASSModel(nn.Module):
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
         return getattr(self.banks, self.heads[task])
+
+    @property
+    def class_names(self) -> Optional[dict]:
+        """``{task: [class name per head row]}`` (saved with the model; what a server answers with), or None."""
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names: Optional[Mapping[str, Sequence[str]]]) -> None:
+        heads = None if self.heads is None else {t: self.head(t) for t in self.tasks}
+        self._class_names = check_class_names(names, self.tasks, heads)
+
+    @property
+    def preprocessing(self) -> Optional[dict]:
+        """The image preprocessing the encoder expects (the fields of
+        :class:`mass.evaluation.data.ClipPreprocess` as a dict; default: CLIP's at the encoder's image size)."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value) -> None:
+        self._preprocessing = check_preprocessing(value, self.encoder_spec)
 
     @property
     def max_cached_combos(self) -> int:
@@ -354,30 +385,36 @@ class MASSModel(nn.Module):
         heads = None if self.heads is None else {t: self.head(t) for t in self.tasks}
         return SavedModel(architecture=self.arch.kind, model_class=type(self.model).__name__,
                           router=self.router_config, reuse_prefix=self.reuse_prefix, keep_merged=self.keep_merged,
-                          decomposition=self.decomposition(), heads=heads, support=getattr(self, "support", None))
+                          decomposition=self.decomposition(), heads=heads, support=getattr(self, "support", None),
+                          encoder=self.encoder_spec, preprocess=self.preprocessing, classes=self.class_names)
 
     def save_pretrained(self, directory) -> None:
         """Save to ``directory`` all or nothing (:mod:`mass.storage.serialization`): one checksummed file."""
         save_artifact(self.saved_artifact(), directory)
 
     @classmethod
-    def from_pretrained(cls, directory, base_model: nn.Module, trust_task_order: bool = False,
+    def from_pretrained(cls, directory, base_model: Optional[nn.Module] = None, trust_task_order: bool = False,
                         **overrides) -> "MASSModel":
-        """Load a saved model into ``base_model`` (wrapped in place; its weights are replaced by the saved θ0).
-        If loading fails, ``base_model`` is left as it was: its weights are restored from a copy taken first
-        (this costs one copy of them meanwhile). A directory whose task order is not bound to its tensors
-        (format 1, or saved before the binding existed) loads only with ``trust_task_order=True``, with a
-        warning; save it again to bind it."""
-        if not isinstance(base_model, nn.Module):
+        """Load a saved model. A self-contained directory (saved by this mass) needs nothing else: the encoder is
+        built from its saved config. ``base_model`` (needed for directories saved before the encoder's config
+        was saved) is wrapped in place instead, its weights replaced by the saved θ0; if loading fails, it is
+        left as it was: its weights are restored from a copy taken first (one copy of them meanwhile). A
+        directory whose task order is not bound to its tensors (format 1, or saved before the binding existed)
+        loads only with ``trust_task_order=True``, with a warning; save it again to bind it."""
+        if base_model is not None and not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model must be the pretrained nn.Module to load into, got "
                             f"{type(base_model).__name__}")
-        detect(base_model)  # unsupported or already wrapped: refused before anything is read or changed
+        if base_model is not None:
+            detect(base_model)  # unsupported or already wrapped: refused before anything is read or changed
         if not isinstance(trust_task_order, bool):
             raise TypeError(f"trust_task_order must be a bool, got {type(trust_task_order).__name__}")
         saved = read_artifact(directory, trust_task_order)
         kwargs = {"router": saved.router, "heads": saved.heads, "reuse_prefix": saved.reuse_prefix,
-                  "keep_merged": saved.keep_merged, "support": saved.support}
+                  "keep_merged": saved.keep_merged, "support": saved.support, "class_names": saved.classes,
+                  "preprocessing": saved.preprocess}
         kwargs.update(overrides)
+        if base_model is None:
+            return cls(_saved_encoder(saved, directory), saved.decomposition, **kwargs)
         previous = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         try:
             try:
@@ -390,6 +427,62 @@ class MASSModel(nn.Module):
                 for key, value in base_model.state_dict().items():
                     value.copy_(previous[key])
             raise
+
+
+def _saved_encoder(saved, directory) -> nn.Module:
+    """The encoder of a self-contained saved model, built from its config, holding the saved θ0."""
+    if saved.encoder is None:
+        raise SavedModelError(
+            f"{directory} holds no encoder config (it was saved by an older mass, or from an encoder mass cannot "
+            f"describe): pass base_model=<the pretrained vision encoder> to from_pretrained; saving it again then "
+            f"writes a self-contained directory")
+    try:
+        module = build_encoder(saved.encoder)
+    except EncoderSpecError as exc:
+        raise SavedModelError(f"{directory}: {exc}") from exc
+    try:
+        module.load_state_dict(saved.decomposition.base, strict=True)
+    except RuntimeError as exc:
+        raise SavedModelError(f"{directory}: the saved encoder config does not match the saved weights: {exc}") from exc
+    return module
+
+
+def check_class_names(names, tasks: list, heads: Optional[Mapping[str, torch.Tensor]]) -> Optional[dict]:
+    """``{task: [names]}`` in task order, one non-empty name per row of the task's head; None stays None."""
+    if names is None:
+        return None
+    if heads is None:
+        raise ValueError("class names need heads: this model has none")
+    if not isinstance(names, Mapping) or set(names) != set(tasks):
+        got = sorted(names) if isinstance(names, Mapping) else type(names).__name__
+        raise ValueError(f"class_names must be a dict with one entry per task {tasks}, got {got}")
+    out = {}
+    for t in tasks:
+        listed = names[t]
+        if isinstance(listed, str) or not all(isinstance(n, str) and n for n in listed):
+            raise ValueError(f"class names of task {t!r} must be a list of non-empty strings, got {listed!r}")
+        listed = list(listed)
+        if len(listed) != heads[t].shape[0]:
+            raise ValueError(f"task {t!r} has {heads[t].shape[0]} head rows but {len(listed)} class names")
+        out[t] = listed
+    return out
+
+
+def check_preprocessing(value, spec: Optional[dict]) -> Optional[dict]:
+    """The preprocessing as a plain dict (a ClipPreprocess-like dataclass or a dict); None: CLIP's default at
+    the encoder's image size when the encoder can be described, else None."""
+    if value is None:
+        return None if spec is None else default_preprocess(image_size(spec))
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"preprocessing must be a ClipPreprocess or a dict of its fields, got {type(value).__name__}")
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()}
+    try:
+        check_preprocess(out)
+    except SavedModelError as exc:
+        raise ValueError(f"preprocessing: {exc}") from None
+    return out
 
 
 def _usable_fit(router: RouterConfig, layers: list, support):

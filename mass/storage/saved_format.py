@@ -9,7 +9,10 @@ A saved model is a JSON config plus named tensors (``base/<key>``, ``lowrank/<ke
 - the tensors against the config: the task list first (one head per task when heads are saved, the task count
   of the stacked tensors), then the set of tensors (every floating pretrained weight has its tasks' values),
   the ranks, the shapes against the pretrained weights, every floating value finite, and the per-task digests
-  (``task_digests``) that bind the config's task order to the tensors.
+  (``task_digests``) that bind the config's task order to the tensors;
+- what serving needs with nothing else (issue 22; optional, ``null`` in files written before it): ``encoder``
+  (the config to rebuild the encoder module), ``preprocess`` (the image preprocessing) and ``classes`` (each
+  head's class names, one per head row).
 
 Every refusal is a :class:`SavedModelError` naming the field or tensor.
 """
@@ -48,7 +51,16 @@ CONFIG_FIELDS = {
     "storage_factor": _NUMBER,
     "support": ("object", "null"),
     "task_digests": ("object", "null"),
+    "encoder": ("object", "null"),
+    "preprocess": ("object", "null"),
+    "classes": ("object", "null"),
 }
+# Added by issue 22 (serving from the directory alone); a file without them is not self-contained.
+SERVING_FIELDS = ("encoder", "preprocess", "classes")
+ENCODER_FIELDS = {"kind": ("string",), "class": ("string",), "config": ("object",)}
+PREPROCESS_FIELDS = {"shortest_edge": ("int",), "crop": ("list",), "mean": ("list",), "std": ("list",),
+                     "resample": ("int",), "rescale": _NUMBER, "do_resize": ("bool",), "do_center_crop": ("bool",),
+                     "do_normalize": ("bool",)}
 V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
 ROUTER_FIELDS = {
     "layer": ("int", "null"),
@@ -152,6 +164,8 @@ def check_config(config: dict) -> dict:
         config["router"] = {**(ROUTER_V1_DEFAULTS if version == 1 else {}), **ROUTER_V2_DEFAULTS, **router}
     config.setdefault("support", None)
     config.setdefault("task_digests", None)  # files written before the task order was bound (format 1 included)
+    for name in SERVING_FIELDS:
+        config.setdefault(name, None)
     _check_fields(config, {**CONFIG_FIELDS, **(V1_ONLY_FIELDS if version == 1 else {})}, "")
     if config["architecture"] not in ARCHITECTURES:
         raise _field_error("architecture", f"must be one of {ARCHITECTURES}, got {config['architecture']!r}")
@@ -191,7 +205,55 @@ def check_config(config: dict) -> dict:
             raise _field_error("support.norm", f"must be one of {NORMS}, got {support['norm']!r}")
         if not 0 <= support["whiten"] < 1:
             raise _field_error("support.whiten", f"must lie in [0, 1), got {support['whiten']!r}")
+    _check_serving(config)
     return config
+
+
+def _check_serving(config: dict) -> None:
+    """The optional serving fields: the encoder's config, the preprocessing, the heads' class names."""
+    encoder = config["encoder"]
+    if encoder is not None:
+        _check_fields(encoder, ENCODER_FIELDS, "encoder.")
+        if encoder["kind"] != config["architecture"]:
+            raise _field_error("encoder.kind", f"is {encoder['kind']!r} but the architecture is "
+                                               f"{config['architecture']!r}")
+    if config["preprocess"] is not None:
+        check_preprocess(config["preprocess"])
+    classes = config["classes"]
+    if classes is not None:
+        if not config["has_heads"]:
+            raise _field_error("classes", "names classes but the model has no heads (has_heads is false)")
+        if list(classes) != list(config["tasks"]):
+            raise _field_error("classes", f"must have one entry per task, in task order; got {list(classes)}")
+        for task, names in classes.items():
+            if json_kind(names) != "list" or not names or any(json_kind(n) != "string" or not n for n in names):
+                raise _field_error(f"classes.{task}", f"must be a non-empty list of non-empty strings, got {names!r}")
+
+
+def check_preprocess(pre: dict) -> None:
+    """The ``preprocess`` field: the fields of :class:`mass.evaluation.data.ClipPreprocess`, JSON-typed."""
+    if not isinstance(pre, dict):
+        raise _field_error("preprocess", f"must be an object, got {json_kind(pre)}")
+    _check_fields(pre, PREPROCESS_FIELDS, "preprocess.")
+    if pre["shortest_edge"] < 1 or len(pre["crop"]) != 2 or any(json_kind(c) != "int" or c < 1 for c in pre["crop"]):
+        raise _field_error("preprocess", f"needs shortest_edge >= 1 and crop [height, width] of ints >= 1, got "
+                                         f"{pre['shortest_edge']!r}, {pre['crop']!r}")
+    for key in ("mean", "std"):
+        values = pre[key]
+        if len(values) != 3 or any(json_kind(v) not in _NUMBER for v in values) or (
+                key == "std" and any(v <= 0 for v in values)):
+            raise _field_error(f"preprocess.{key}", f"must be 3 numbers{' > 0' if key == 'std' else ''}, "
+                                                    f"got {values!r}")
+    if not pre["rescale"] > 0:
+        raise _field_error("preprocess.rescale", f"must be > 0, got {pre['rescale']!r}")
+
+
+def check_classes(config: dict, heads: Mapping[str, torch.Tensor]) -> None:
+    """Each task's class names match its head's rows (one name per class)."""
+    for task, names in (config.get("classes") or {}).items():
+        if len(names) != heads[task].shape[0]:
+            raise _field_error(f"classes.{task}", f"names {len(names)} classes but heads/{task} has "
+                                                  f"{heads[task].shape[0]} rows")
 
 
 def router_config(config: dict) -> RouterConfig:
@@ -221,6 +283,9 @@ class SavedModel:
     decomposition: TaskDecomposition
     heads: Optional[Mapping[str, torch.Tensor]] = None
     support: Optional[object] = None
+    encoder: Optional[dict] = None  # {"kind", "class", "config"}: rebuilds the encoder (mass.nn.encoders)
+    preprocess: Optional[dict] = None  # the ClipPreprocess fields (mass.evaluation.data)
+    classes: Optional[dict] = None  # {task: [class name per head row]}
 
     @property
     def tasks(self) -> list:
@@ -246,6 +311,9 @@ def config_of(saved: SavedModel) -> dict:
         "has_heads": saved.heads is not None,
         "storage_factor": dec.storage_factor(),
         "support": None if saved.support is None else saved.support.meta(),
+        "encoder": saved.encoder,
+        "preprocess": saved.preprocess,
+        "classes": None if saved.classes is None else {t: list(names) for t, names in saved.classes.items()},
     }
 
 
@@ -417,6 +485,7 @@ def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]
             if head.dim() != 2 or not head.is_floating_point():
                 raise SavedModelError(f"saved tensors: heads/{task} must be a 2-D floating tensor, "
                                       f"got {tuple(head.shape)} {head.dtype}")
+        check_classes(config, heads)
     elif heads:
         raise _field_error("has_heads", f"is false but the tensors hold heads {sorted(heads)[:5]}")
     dec = TaskDecomposition(tasks=list(config["tasks"]), base=base, lowrank=lowrank, dense=dense)

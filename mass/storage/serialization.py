@@ -188,4 +188,5 @@ def read_artifact(directory, trust_task_order: bool = False) -> SavedModel:
     config, dec, heads, support = _read(directory, trust_task_order)
     return SavedModel(architecture=config["architecture"], model_class=config["model_class"],
                       router=router_config(config), reuse_prefix=config["reuse_prefix"],
-                      keep_merged=config["keep_merged"], decomposition=dec, heads=heads, support=support)
+                      keep_merged=config["keep_merged"], decomposition=dec, heads=heads, support=support,
+                      encoder=config["encoder"], preprocess=config["preprocess"], classes=config["classes"])

@@ -1,4 +1,4 @@
-"""The ``mass`` command line: ``demo``, ``merge``, ``inspect``, ``bench``, ``eval``.
+"""The ``mass`` command line: ``demo``, ``merge``, ``inspect``, ``bench``, ``eval``, ``serve``.
 
 User mistakes, bad arguments and file-system errors (a missing, unreadable or unwritable path) end with
 exactly one ``mass: error: ...`` line on stderr and exit code 2, never a traceback (``MASS_DEBUG=1``
@@ -12,6 +12,7 @@ import sys
 from mass.tools.cli import eval as eval_command
 from mass.tools.cli import inspect as inspect_command
 from mass.tools.cli import merge as merge_command
+from mass.tools.cli import serve as serve_command
 from mass.tools.cli.errors import Parser, run_reporting
 
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     eval_command.add_parser(sub)
+    serve_command.add_parser(sub)
     return parser
 
 

@@ -115,6 +115,10 @@ def run(args) -> int:
         if support is None and (router.basis == "support" or args.unknown != "off"):
             raise UserError(f"{exc} (give --support TASK=DIR ...)") from None
         raise
+    if not is_hub_id(args.pretrained) and (Path(args.pretrained) / "preprocessor_config.json").is_file():
+        from mass.evaluation.data import ClipPreprocess  # saved with the model, for `mass serve`
+
+        model.preprocessing = ClipPreprocess.from_pretrained(args.pretrained)
     model.save_pretrained(args.out)
     print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
           f"(storage {model.storage_factor():.3f}x the pretrained model)")
