@@ -7,14 +7,15 @@ is small next to θ0, so rounding it loses far less than rounding the fine-tuned
 banks, the TSV-M first pass, the routing basis, a saved file) uses those rounded values, so a saved and loaded
 model is the model that was served.
 
-Error bound (what the tests use): rounding to nearest gives each stored value a relative error of at most
-u_h (2⁻⁸ for bfloat16, 2⁻¹¹ for float16), so a task block's delta U diag(S) V, a product of three rounded
-factors, differs from the fp32 one elementwise by at most ((1 + u_h)³ − 1)·(|U| diag|S| |V|), and a whole
-delta by u_h·|Δ|. Applied to an input x, the block's contribution errs by at most
-((1 + u_h)³ − 1)·((|x| |V|ᵀ) ⊙ |S|) |U|ᵀ + u_h·|task bias|, on top of the fp32 arithmetic bound of
-:func:`mass_kernels.reference.lowrank_error_bound` evaluated on the rounded factors (the products accumulate in
-fp32: on the CPU the selected entries are upcast, so a half-precision bank computes exactly what an fp32 bank
-holding the rounded values computes).
+Error bound (what the tests use): rounding to nearest changes each stored value x by at most
+e(x) = u_h·|x| + η_h/2, with u_h the unit roundoff (2⁻⁸ bfloat16, 2⁻¹¹ float16) and η_h the smallest subnormal
+(2⁻¹³³ bfloat16: fp32's range, negligible; 2⁻²⁴ float16, whose normal range ends at 6.1·10⁻⁵, which small
+deltas fall below). A task block U diag(S) V of three rounded factors therefore differs from the fp32 one,
+elementwise, by at most (|U| + e(U)) diag(|S| + e(S)) (|V| + e(V)) − |U| diag|S| |V| (≈ 3u_h·|U| diag|S| |V|
+for normal values), a whole delta Δ by e(Δ). Applied to an input, the products accumulate in fp32 on the
+rounded values (on the CPU the selected entries are upcast), so a half-precision bank adds nothing beyond that
+rounding: a forced task computes, within the fp32 encoder bound, the encoder whose weights are θ0 plus the
+rounded task values (``tests/test_half_banks.py``). bfloat16 is the default choice: its range is fp32's.
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from .decompose import LowRankFactors, TaskDecomposition
 
 BANK_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+SMALLEST_SUBNORMAL = {torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}
+
+
+def rounding_error(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e(x) = u_h·|x| + η_h/2 (fp64): the most rounding ``x`` to ``dtype`` (to nearest) can change it by."""
+    return UNIT_ROUNDOFF[dtype] * x.double().abs() + SMALLEST_SUBNORMAL[dtype] / 2
 
 
 def resolve_bank_dtype(value: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
