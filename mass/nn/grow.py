@@ -79,6 +79,7 @@ def _calibration(model, new_tasks: list, support, exact_slice: Optional[list]):
 
 
 def _rebuild(model, dec: TaskDecomposition, heads, support, fit, base_model):
+    """The new model: ``dec`` on a fresh encoder, ``model``'s settings, calibrated on ``support`` or given ``fit``."""
     encoder = fresh_encoder(model, dec, base_model)
     router = model.router_config
     kwargs = dict(heads=heads, reuse_prefix=model.reuse_prefix, keep_merged=model.keep_merged,
@@ -139,3 +140,12 @@ def remove_tasks(model, names: Sequence[str], support: Optional[Mapping[str, tor
     old_heads = _heads_of(model)
     heads = None if old_heads is None else {t: old_heads[t] for t in dec.tasks}
     return _rebuild(model, dec, heads, images, fit, base_model)
+
+
+@torch.no_grad()
+def with_bank_dtype(model, dtype, base_model: Optional[nn.Module] = None):
+    """A new model whose banks hold ``model``'s task values rounded to ``dtype`` (:mod:`mass.method.half_banks`).
+    Its router calibration, if any, is carried over: it was fitted on features of the unrounded model, which
+    the rounding moves by about u_h relative; ``calibrate(support)`` refits it exactly."""
+    dec = to_bank_dtype(model.decomposition(), dtype)
+    return _rebuild(model, dec, _heads_of(model), None, model.support, base_model)

@@ -354,6 +354,13 @@ class MASSModel(nn.Module):
         return add_tasks(self, finetuned, heads=heads, support=support, solver=solver, device=device,
                          progress=progress, base_model=base_model)
 
+    def with_bank_dtype(self, bank_dtype, base_model: Optional[nn.Module] = None) -> "MASSModel":
+        """A new model with this one's task values rounded to ``bank_dtype`` (``"bfloat16"``/``"float16"``),
+        stored and applied in half precision; θ0 keeps its dtype. ``base_model`` as in :meth:`add_tasks`."""
+        from mass.nn.grow import with_bank_dtype
+
+        return with_bank_dtype(self, bank_dtype, base_model=base_model)
+
     def remove_tasks(self, names: Sequence[str], support: Optional[Mapping[str, torch.Tensor]] = None,
                      base_model: Optional[nn.Module] = None) -> "MASSModel":
         """A new model without the tasks ``names``: their factors, values, heads and calibration are dropped, the
