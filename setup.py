@@ -28,6 +28,7 @@ setup(
             "pillow>=10",
             "transformers>=4.40",
             "datasets>=2.14",
+            "peft==0.21.2",  # tests/test_lora.py checks LoRA adapters against PEFT's merge_and_unload
         ],
     },
     entry_points={"console_scripts": ["mass=mass.tools.cli:main"]},
