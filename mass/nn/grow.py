@@ -49,8 +49,8 @@ def fresh_encoder(model, dec: TaskDecomposition, base_model: Optional[nn.Module]
         for name, buffer in base_model.named_buffers():  # non-persistent buffers (position ids): the model's
             buffer.copy_(wrapped.get_buffer(name))
     detect(base_model)
-    reference = next(iter(dec.base.values()))
-    base_model.to(device=reference.device)
+    reference = next(v for v in dec.base.values() if v.is_floating_point())
+    base_model.to(device=reference.device, dtype=reference.dtype)  # built in the default dtype
     try:
         base_model.load_state_dict(dec.base, strict=True)
     except RuntimeError as exc:
