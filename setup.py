@@ -32,6 +32,7 @@ setup(
             "datasets>=2.14",
             "ray[serve]>=2.60",
             "python-multipart>=0.0.9",
+            "peft==0.21.2",  # tests/test_lora.py checks LoRA adapters against PEFT's merge_and_unload
         ],
     },
     entry_points={"console_scripts": ["mass=mass.tools.cli:main"]},

@@ -250,6 +250,11 @@ def _segment_weights(row_weights, start, stop, slot, m, n, dtype):
     return None if row_weights is None else row_weights[start:stop, slot].reshape(m, n, 1).to(dtype)
 
 
+def _as(entries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bank entries in x's dtype (a copy only when they differ: half-precision banks under an fp32 model)."""
+    return entries if entries.dtype == x.dtype else entries.to(x.dtype)
+
+
 def lowrank_linear_segments_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -266,17 +271,18 @@ def lowrank_linear_segments_torch(
     ``bmm`` (shrink) and one in-place ``baddbmm_`` on the output (expand): no gather/scatter of rows, and a
     few large calls instead of many small ones. Fastest when the banks are stored so that ``V[t].T`` and
     ``U[t].T`` are contiguous (see ``mass.layers.bank_layout``). Same result as
-    :func:`lowrank_linear_torch` for the same grouping."""
+    :func:`lowrank_linear_torch` for the same grouping. Factors in another dtype than x (half-precision banks)
+    are upcast entry by entry, only the selected ones: the products run in x's precision."""
     y, biased = _base_output(x, weight, bias, task_bias, segments, row_weights)
     runs = segment_runs(segments)
     for slot, sel, start, stop, m, n in runs:
-        h = torch.bmm(x[start:stop].reshape(m, n, -1), V[sel].transpose(1, 2))  # (m, n, k)
+        h = torch.bmm(x[start:stop].reshape(m, n, -1), _as(V[sel], x).transpose(1, 2))  # (m, n, k)
         h.mul_(S[sel].unsqueeze(1))
         w = _segment_weights(row_weights, start, stop, slot, m, n, h.dtype)
         if w is not None:
             h.mul_(w)
         ys = y[start:stop].view(m, n, -1)
-        ys.baddbmm_(h, U[sel].transpose(1, 2))
+        ys.baddbmm_(h, _as(U[sel], x).transpose(1, 2))
         if not biased:
             _add_task_bias(ys, task_bias, sel, w)
     return y
@@ -299,9 +305,9 @@ def dense_delta_segments_torch(
         xs, ys = x[start:stop].reshape(m, n, -1), y[start:stop].view(m, n, -1)
         w = _segment_weights(row_weights, start, stop, slot, m, n, y.dtype)
         if w is None:
-            ys.baddbmm_(xs, deltas[sel].transpose(1, 2))
+            ys.baddbmm_(xs, _as(deltas[sel], x).transpose(1, 2))
         else:
-            ys.add_(torch.bmm(xs, deltas[sel].transpose(1, 2)).mul_(w))
+            ys.add_(torch.bmm(xs, _as(deltas[sel], x).transpose(1, 2)).mul_(w))
         if not biased:
             _add_task_bias(ys, task_bias, sel, w)
     return y

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mass.files.checkpoints import Checkpoint, open_finetuned
 from mass.nn.clip import prepare
+from mass.method.half_banks import resolve_bank_dtype, to_bank_dtype
 from mass.method.decompose import Rank, decompose
 from mass.evaluation.heads import head_tensors
 from mass.method.merging import task_arithmetic, ties_merging, tsv_merge_from_decomposition
@@ -338,6 +339,7 @@ def evaluate(
     ties_scaling: float = 1.0,
     support_per_task: Optional[int] = None,
     support_data: Optional[Mapping] = None,
+    bank_dtype=None,
 ) -> EvalResult:
     """Evaluate the methods on every task of ``finetuned``.
 
@@ -347,7 +349,10 @@ def evaluate(
     ``heads``: ``{task: Head | (C, D) tensor}`` (e.g. :func:`mass.evaluation.heads.zero_shot_heads`). The pretrained
     module is not modified: every method runs on its own copy. ``support_per_task`` (default 32 when a router
     needs it) and ``support_data`` (``{task: dataset}``, e.g. the training split): see the module docstring.
+    ``bank_dtype``: the MASS rows' banks in ``"bfloat16"``/``"float16"`` (:mod:`mass.method.half_banks`); the
+    static rows (TSV-M included) are not affected.
     """
+    bank_dtype = resolve_bank_dtype(bank_dtype)
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -396,6 +401,8 @@ def evaluate(
         dec = decompose(base, ckpts, rank=rank, progress=progress)
     if "tsv" in methods:
         static["tsv"] = copy_with(tsv_merge_from_decomposition(dec))
+    if dec is not None:
+        dec = to_bank_dtype(dec, bank_dtype)  # what the MASS rows store and apply
     routed: dict[str, MASSModel] = {}
     for name, config in router_configs.items():
         if needs_support(config):  # built with the paper's router, then calibrated on the support images

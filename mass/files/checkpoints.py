@@ -143,7 +143,9 @@ def _from_torch_file(name: str, path: Path) -> TensorSource:
 
 
 def open_checkpoint(name: str, ckpt: Checkpoint) -> TensorSource:
-    """A :class:`TensorSource` for any supported checkpoint form."""
+    """A :class:`TensorSource` for any supported checkpoint form (a TensorSource, e.g. a bound LoRA adapter, as is)."""
+    if isinstance(ckpt, TensorSource):
+        return ckpt
     if isinstance(ckpt, nn.Module):
         return _from_state_dict(name, ckpt.state_dict())
     if isinstance(ckpt, Mapping):

@@ -105,27 +105,28 @@ def build_banks(arch: Architecture, layers: dict, dec: TaskDecomposition, model:
     for name, layer, w_key, b_key in targets(layers):
         keep = name in needs_merged
         like = layer.weight
+        bank = dict(device=like.device, dtype=dec.bank_dtype or like.dtype)  # half-precision banks keep theirs
         covered.add(w_key)
         if isinstance(layer, MASSLinear):
             f = dec.lowrank[w_key]
-            layer.set_factors(*(t.to(like) for t in (f.U, f.S, f.V)))
+            layer.set_factors(*(t.to(**bank) for t in (f.U, f.S, f.V)))
             if keep:
                 layer.merged_weight = (base[w_key].float() + tsv_delta(f)).to(like)
         else:
-            deltas = dec.dense[w_key] - base[w_key].float()
-            layer.set_weight_deltas(deltas.to(like))
+            deltas = dec.dense_delta(w_key)
+            layer.set_weight_deltas(deltas.to(**bank))
             if keep:
                 layer.merged_weight = (base[w_key].float() + deltas.mean(0)).to(like)
         if layer.bias is not None:
             covered.add(b_key)
-            deltas = dec.dense[b_key] - base[b_key].float()
-            layer.task_bias = deltas.to(like)
+            deltas = dec.dense_delta(b_key)
+            layer.task_bias = deltas.to(**bank)
             if keep:
                 layer.merged_bias = (base[b_key].float() + deltas.mean(0)).to(like)
     # Raw parameters: class token and positional embedding (added before the pre-norm), open_clip's proj.
     cls_key, pos_key = arch.token_keys["cls"], arch.token_keys["pos"]
     pos_factors = dec.lowrank[pos_key]
-    cls_delta = dec.dense[cls_key] - base[cls_key].float()
+    cls_delta = dec.dense_delta(cls_key)
     pos_delta = torch.stack([pos_factors.delta(t) for t in range(T)])
     covered.update((cls_key, pos_key))
     proj = None
@@ -135,7 +136,8 @@ def build_banks(arch: Architecture, layers: dict, dec: TaskDecomposition, model:
         f = dec.lowrank[key]
         # x @ (P0 + U S V) is a linear layer with weight P0ᵀ and factors (Vᵀ, S, Uᵀ).
         proj = MASSLinear(p0.detach().t().contiguous(), None, state, 0)
-        proj.set_factors(f.V.transpose(1, 2).to(p0), f.S.to(p0), f.U.transpose(1, 2).to(p0))
+        bank = dict(device=p0.device, dtype=dec.bank_dtype or p0.dtype)
+        proj.set_factors(f.V.transpose(1, 2).to(**bank), f.S.to(**bank), f.U.transpose(1, 2).to(**bank))
         if keep_merged == "all":
             proj.merged_weight = (p0.float() + tsv_delta(f)).t().contiguous().to(p0)
         covered.add(key)
@@ -148,22 +150,29 @@ def build_banks(arch: Architecture, layers: dict, dec: TaskDecomposition, model:
 
 
 def read_decomposition(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBanks,
-                       tasks: list) -> TaskDecomposition:
+                       tasks: list, bank_dtype=None, rank_rule: str = "default") -> TaskDecomposition:
     """The stored artifact read back from a wrapped model: θ0 (its state dict), the tasks' factors and whole
-    non-matrix values from the banks (the T task entries; cached sets are not part of it)."""
+    non-matrix values from the banks (the T task entries; cached sets are not part of it). With half-precision
+    banks (``bank_dtype``) the non-matrix values are read back as the deltas the banks hold."""
     T = len(tasks)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dec = TaskDecomposition(tasks=list(tasks), base=base)
+    dec = TaskDecomposition(tasks=list(tasks), base=base, bank_dtype=bank_dtype, rank_rule=rank_rule)
+
+    def whole(key, deltas):
+        if bank_dtype is not None:
+            return deltas[:T].to(bank_dtype).clone(memory_format=torch.contiguous_format)
+        return base[key].unsqueeze(0) + deltas[:T]
+
     for _, layer, w_key, b_key in targets(layers):
         if isinstance(layer, MASSLinear):
             factors = layer.true_factors(T)
             dec.lowrank[w_key] = LowRankFactors(*(f.clone(memory_format=torch.contiguous_format) for f in factors))
         else:
-            dec.dense[w_key] = base[w_key].unsqueeze(0) + layer.task_weight[:T]
+            dec.dense[w_key] = whole(w_key, layer.task_weight)
         if layer.bias is not None:
-            dec.dense[b_key] = base[b_key].unsqueeze(0) + layer.task_bias[:T]
+            dec.dense[b_key] = whole(b_key, layer.task_bias)
     cls_key, pos_key = arch.token_keys["cls"], arch.token_keys["pos"]
-    dec.dense[cls_key] = base[cls_key].unsqueeze(0) + banks.cls_delta[:T]
+    dec.dense[cls_key] = whole(cls_key, banks.cls_delta)
     dec.lowrank[pos_key] = banks.pos_factors
     if banks.proj is not None:
         U, S, V = banks.proj.true_factors(T)  # x @ (P0 + U S V) is held as a linear layer with factors (Vᵀ, S, Uᵀ)

@@ -26,6 +26,7 @@ from mass.files.checkpoints import (
     Checkpoint, CheckpointError, check_unmapped, copies_of_model, match_keys, open_checkpoint,
 )
 from mass.files.hub import from_hub, is_hub_id
+from mass.files.lora import is_adapter_dir, lora_checkpoint, read_adapter
 
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
@@ -287,8 +288,8 @@ def prepare(pretrained, finetuned: Mapping[str, Checkpoint]) -> tuple[nn.Module,
     """``(vision encoder, {task: checkpoint})`` that :func:`mass.merge` and the static merges accept.
 
     ``pretrained``: a CLIPModel (its vision tower with the projection, sharing its modules), a vision model,
-    a directory or a hub id. ``finetuned``: per task a module, state dict, file, directory or hub id, HF- or
-    open_clip-named; a projection on top of the tower that it lacks takes the pretrained value (one warning
+    a directory or a hub id. ``finetuned``: per task a module, state dict, file, directory, PEFT LoRA adapter
+    directory (:mod:`mass.files.lora`) or hub id, HF- or open_clip-named; a projection on top of the tower that it lacks takes the pretrained value (one warning
     names the keys and tasks).
     """
     model = load_vision(pretrained)
@@ -298,6 +299,10 @@ def prepare(pretrained, finetuned: Mapping[str, Checkpoint]) -> tuple[nn.Module,
     ref = list(reference)
     out, lacking = {}, {}
     for name, source in finetuned.items():
+        if is_adapter_dir(source):  # a PEFT LoRA adapter: θ0 plus its factors, bound to this model's keys
+            out[name] = lora_checkpoint(name, read_adapter(name, source), reference,
+                                        prefixes=("", detect(model).root_name))
+            continue
         if _passes_through(name, source, ref):
             out[name] = source
             continue

@@ -158,9 +158,13 @@ class MASSLinear(_TaskModule):
             )
             return y.view(*lead, self.out_features)
         row_entries, row_weights = p.rows(lead, self.batch_axis)
+        U, S, V, task_bias = bank.task_U, bank.task_S, bank.task_V, bank.task_bias
+        if x.is_cuda and U.dtype != x.dtype:  # half-precision banks under a wider model: the kernels take one dtype
+            U, S, V = U.to(x.dtype), S.to(x.dtype), V.to(x.dtype)
+            task_bias = None if task_bias is None else task_bias.to(x.dtype)
         y = mass_kernels.lowrank_linear(
-            x.reshape(-1, self.in_features), self.weight, self.bias, bank.task_U, bank.task_S, bank.task_V,
-            row_entries, row_weights.to(torch.float32), bank.task_bias,
+            x.reshape(-1, self.in_features), self.weight, self.bias, U, S, V,
+            row_entries, row_weights.to(torch.float32), task_bias,
         )
         return y.view(*lead, self.out_features)
 

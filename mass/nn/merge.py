@@ -13,6 +13,7 @@ import torch
 
 from mass.files.checkpoints import Checkpoint
 from mass.method.decompose import Rank, decompose, resolve_rank
+from mass.method.half_banks import resolve_bank_dtype, to_bank_dtype
 from mass.method.router import RouterConfig
 from mass.method.support import check_support
 from mass.nn.adapters import detect
@@ -33,6 +34,7 @@ def merge(
     support: Optional[Mapping[str, torch.Tensor]] = None,
     solver: str = "auto",
     device=None,
+    bank_dtype=None,
 ) -> MASSModel:
     """Decompose T fine-tuned checkpoints of ``pretrained`` and wrap it (in place) as a :class:`MASSModel`.
 
@@ -43,7 +45,10 @@ def merge(
     against the tasks and the embedding width, task names, options, the support images) is checked before
     they run. ``support={task: (N, C, H, W) images}`` calibrates the router on them (:meth:`MASSModel.calibrate`):
     needed for ``RouterConfig(basis="support")`` and the unknown-task detector. ``solver`` and ``device`` choose
-    how and where the SVDs run (see :func:`mass.decompose`)."""
+    how and where the SVDs run (see :func:`mass.decompose`). ``bank_dtype``: None (the tasks' values in the
+    model's dtype), ``"bfloat16"`` or ``"float16"``: the task factors and per-task values are stored and applied
+    in that precision while θ0 keeps its dtype (:mod:`mass.method.half_banks`: the error bound)."""
+    bank_dtype = resolve_bank_dtype(bank_dtype)
     pretrained, finetuned = prepare(pretrained, finetuned)
     arch = detect(pretrained)  # unsupported or already wrapped
     router = check_router(router)
@@ -59,7 +64,8 @@ def merge(
                 resolve_rank(rank, tuple(value.shape), len(tasks), key)
     if support is None and (router.basis == "support" or router.unknown != "off"):
         raise ValueError("RouterConfig(basis='support') and the unknown-task detector need support={task: images}")
-    dec = decompose(pretrained, finetuned, rank=rank, progress=progress, solver=solver, device=device)
+    dec = to_bank_dtype(decompose(pretrained, finetuned, rank=rank, progress=progress, solver=solver,
+                                  device=device), bank_dtype)
     if support is None:
         return MASSModel(pretrained, dec, router=router, heads=heads, reuse_prefix=reuse_prefix,
                          keep_merged=keep_merged)

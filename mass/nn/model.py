@@ -123,6 +123,7 @@ class MASSModel(nn.Module):
         basis = routing_basis([decomposition.lowrank[_fc1_key(arch, layer)] for layer in routing_layers], router.norm)
         self.tasks = tasks
         self.ranks = {k: f.rank for k, f in decomposition.lowrank.items()}
+        self.bank_dtype, self.rank_rule = decomposition.bank_dtype, decomposition.rank_rule
         self.keep_merged = keep_merged
         self.encoder_spec, self._class_names, self._preprocessing = spec, class_names, preprocessing
         self.state, self.arch, self._layers, self.banks = state, arch, layers, banks
@@ -191,6 +192,7 @@ class MASSModel(nn.Module):
         view.tasks, view.ranks, view.keep_merged = self.tasks, self.ranks, self.keep_merged
         view.encoder_spec, view._class_names = self.encoder_spec, self._class_names
         view._preprocessing = self._preprocessing
+        view.bank_dtype, view.rank_rule = self.bank_dtype, self.rank_rule
         view.state, view.arch, view._layers, view.banks = self.state, self.arch, self._layers, self.banks
         view._configure(router, bool(reuse_prefix), routing_layers, basis, support)
         view.model = self.model
@@ -375,7 +377,40 @@ class MASSModel(nn.Module):
     # ------------------------------------------------------------------ storage
     def decomposition(self) -> TaskDecomposition:
         """What MASS stores (θ0, the tasks' factors, their whole non-matrix params), read back from the layers."""
-        return read_decomposition(self.model, self.arch, self._layers, self.banks, self.tasks)
+        return read_decomposition(self.model, self.arch, self._layers, self.banks, self.tasks, self.bank_dtype,
+                                  self.rank_rule)
+
+    # ------------------------------------------------------------------ tasks over time
+    def add_tasks(self, finetuned: Mapping, heads: Optional[Mapping[str, torch.Tensor]] = None,
+                  support: Optional[Mapping[str, torch.Tensor]] = None, solver: str = "auto", device=None,
+                  progress: bool = False, base_model: Optional[nn.Module] = None) -> "MASSModel":
+        """A new model with the tasks of ``finetuned`` (``{task: checkpoint}``, any form :func:`mass.merge`
+        takes, LoRA adapter directories included) added after this model's: only their deltas are decomposed,
+        the other tasks' factors are reused (sliced when the rank rule k = ⌊min(out, in) / T⌋ shrinks; kept when
+        the rank was fixed), the first-pass TSV-M weights are rebuilt from the stored factors. ``heads``: the new
+        tasks' heads (required when this model has heads). ``support``: images of every task of the new model
+        when its router needs a calibration. The new model wraps a fresh copy of the encoder (``base_model``
+        when given; HF models are rebuilt from their config); this model is only read and stays usable."""
+        from mass.nn.grow import add_tasks
+
+        return add_tasks(self, finetuned, heads=heads, support=support, solver=solver, device=device,
+                         progress=progress, base_model=base_model)
+
+    def with_bank_dtype(self, bank_dtype, base_model: Optional[nn.Module] = None) -> "MASSModel":
+        """A new model with this one's task values rounded to ``bank_dtype`` (``"bfloat16"``/``"float16"``),
+        stored and applied in half precision; θ0 keeps its dtype. ``base_model`` as in :meth:`add_tasks`."""
+        from mass.nn.grow import with_bank_dtype
+
+        return with_bank_dtype(self, bank_dtype, base_model=base_model)
+
+    def remove_tasks(self, names: Sequence[str], support: Optional[Mapping[str, torch.Tensor]] = None,
+                     base_model: Optional[nn.Module] = None) -> "MASSModel":
+        """A new model without the tasks ``names``: their factors, values, heads and calibration are dropped, the
+        first-pass TSV-M weights rebuilt from the remaining factors; ranks are kept (stored factors cannot grow).
+        ``support``/``base_model`` as in :meth:`add_tasks`; this model is only read and stays usable."""
+        from mass.nn.grow import remove_tasks
+
+        return remove_tasks(self, names, support=support, base_model=base_model)
 
     def storage_factor(self) -> float:
         return self.decomposition().storage_factor()

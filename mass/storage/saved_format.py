@@ -54,6 +54,8 @@ CONFIG_FIELDS = {
     "encoder": ("object", "null"),
     "preprocess": ("object", "null"),
     "classes": ("object", "null"),
+    "bank_dtype": ("string", "null"),
+    "rank_rule": ("string", "null"),
 }
 # Added by issue 22 (serving from the directory alone); a file without them is not self-contained.
 SERVING_FIELDS = ("encoder", "preprocess", "classes")
@@ -61,6 +63,11 @@ ENCODER_FIELDS = {"kind": ("string",), "class": ("string",), "config": ("object"
 PREPROCESS_FIELDS = {"shortest_edge": ("int",), "crop": ("list",), "mean": ("list",), "std": ("list",),
                      "resample": ("int",), "rescale": _NUMBER, "do_resize": ("bool",), "do_center_crop": ("bool",),
                      "do_normalize": ("bool",)}
+# Added by issue 23 without a new format version; a file without them ran with these values (rank_rule null:
+# "default" when every stored rank is the rule's ⌊min(out, in) / T⌋, else "fixed").
+OPTIONAL_DEFAULTS = {"bank_dtype": None, "rank_rule": None}
+BANK_DTYPE_NAMES = ("bfloat16", "float16")
+RANK_RULES = ("default", "fixed")
 V1_ONLY_FIELDS = {"tensors_sha256": ("string",)}  # format 1 kept the tensors' checksum in the config
 ROUTER_FIELDS = {
     "layer": ("int", "null"),
@@ -166,6 +173,8 @@ def check_config(config: dict) -> dict:
     config.setdefault("task_digests", None)  # files written before the task order was bound (format 1 included)
     for name in SERVING_FIELDS:
         config.setdefault(name, None)
+    for name, value in OPTIONAL_DEFAULTS.items():
+        config.setdefault(name, value)
     _check_fields(config, {**CONFIG_FIELDS, **(V1_ONLY_FIELDS if version == 1 else {})}, "")
     if config["architecture"] not in ARCHITECTURES:
         raise _field_error("architecture", f"must be one of {ARCHITECTURES}, got {config['architecture']!r}")
@@ -189,6 +198,10 @@ def check_config(config: dict) -> dict:
             raise _field_error("task_digests", f"must hold a SHA-256 (64 hex digits) per task, not for {bad}")
     if config["keep_merged"] not in KEEP_MERGED:
         raise _field_error("keep_merged", f"must be one of {KEEP_MERGED}, got {config['keep_merged']!r}")
+    if config["bank_dtype"] is not None and config["bank_dtype"] not in BANK_DTYPE_NAMES:
+        raise _field_error("bank_dtype", f"must be null or one of {BANK_DTYPE_NAMES}, got {config['bank_dtype']!r}")
+    if config["rank_rule"] is not None and config["rank_rule"] not in RANK_RULES:
+        raise _field_error("rank_rule", f"must be null or one of {RANK_RULES}, got {config['rank_rule']!r}")
     if not config["storage_factor"] >= 1:
         raise _field_error("storage_factor", f"must be >= 1, got {config['storage_factor']!r}")
     router_config(config)
@@ -314,6 +327,8 @@ def config_of(saved: SavedModel) -> dict:
         "encoder": saved.encoder,
         "preprocess": saved.preprocess,
         "classes": None if saved.classes is None else {t: list(names) for t, names in saved.classes.items()},
+        "bank_dtype": None if dec.bank_dtype is None else str(dec.bank_dtype).removeprefix("torch."),
+        "rank_rule": dec.rank_rule,
     }
 
 
@@ -488,7 +503,18 @@ def decomposition_from_tensors(config: dict, tensors: Mapping[str, torch.Tensor]
         check_classes(config, heads)
     elif heads:
         raise _field_error("has_heads", f"is false but the tensors hold heads {sorted(heads)[:5]}")
-    dec = TaskDecomposition(tasks=list(config["tasks"]), base=base, lowrank=lowrank, dense=dense)
+    bank_dtype = None if config["bank_dtype"] is None else getattr(torch, config["bank_dtype"])
+    if bank_dtype is not None:
+        wrong = [f"lowrank/{key}/{part}" for key, f in lowrank.items() for part, t in zip("USV", (f.U, f.S, f.V))
+                 if t.dtype != bank_dtype] + [f"dense/{key}" for key, v in dense.items() if v.dtype != bank_dtype]
+        if wrong:
+            raise _field_error("bank_dtype", f"is {config['bank_dtype']!r} but {wrong[0]} is not")
+    rule = config["rank_rule"]
+    if rule is None:  # written before the field: the rank rule is read off the ranks
+        rule = "default" if all(f.rank == max(1, min(base[key].shape) // T) for key, f in lowrank.items()) \
+            else "fixed"
+    dec = TaskDecomposition(tasks=list(config["tasks"]), base=base, lowrank=lowrank, dense=dense,
+                            bank_dtype=bank_dtype, rank_rule=rule)
     if dec.storage_factor() != config["storage_factor"]:
         raise _field_error("storage_factor", f"is {config['storage_factor']!r} but the tensors give "
                                              f"{dec.storage_factor()!r}")

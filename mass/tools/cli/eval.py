@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--text-model", default=None,
                    help="full CLIP model whose text tower makes the zero-shot heads (default: --pretrained)")
     p.add_argument("--finetuned", nargs="+", metavar="TASK=ID_OR_PATH", default=None,
-                   help="fine-tuned checkpoints: hub ids, HF directories, .safetensors, .pt, open_clip names")
+                   help="fine-tuned checkpoints: hub ids, HF directories, .safetensors, .pt, open_clip names, "
+                        "PEFT LoRA adapter directories")
+    p.add_argument("--bank-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="the MASS rows' task factors stored and applied in half precision")
     p.add_argument("--data", nargs="+", metavar="TASK=DIR_OR_ID", default=None,
                    help="labelled data: image folder DIR/<class>/*, a save_to_disk directory, or a hub dataset "
                         "id (ID or ID:CONFIG)")
@@ -215,7 +218,8 @@ def run(args) -> int:
     result = evaluate(vision, finetuned, data, heads, methods=_csv(args.methods), routers=_routers(args),
                       rank=parse_rank(args.rank), batch_size=args.batch_size, progress=not args.quiet,
                       latency=not args.no_latency, device=args.device, num_workers=args.num_workers,
-                      support_per_task=args.support_per_task, support_data=support_data)
+                      support_per_task=args.support_per_task, support_data=support_data,
+                      bank_dtype=args.bank_dtype)
     result.config.update(pretrained=str(pretrained), text_model=str(text_source), preset=args.preset,
                          finetuned={t: str(c) for t, c in finetuned.items()},
                          data={t: str(s[0]) for t, s in data_sources.items()}, limit=args.limit,

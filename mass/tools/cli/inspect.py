@@ -31,6 +31,7 @@ def run(args) -> int:
     print(f"  pretrained     {n['pretrained']:,} params, {bytes_per['base'] / 2**20:.2f} MiB")
     print(f"  per task       {task_bytes / T / 2**20:.2f} MiB (factors + non-matrix params)")
     print(f"  storage factor {dec.storage_factor():.4f}x the pretrained model")
+    print(f"  task banks     {str(dec.bank_dtype or 'model dtype').removeprefix('torch.')}; rank rule {dec.rank_rule}")
     print("  ranks per matrix:")
     width = max(len(k) for k in dec.lowrank)
     for key, f in dec.lowrank.items():

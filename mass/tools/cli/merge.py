@@ -77,6 +77,12 @@ def run(args) -> int:
     from mass.nn.clip import load_vision
     from mass.nn.merge import merge
 
+    if args.from_dir is not None:
+        return run_update(args)
+    if args.add or args.remove:
+        raise UserError("--add and --remove change a saved model: give it with --from DIR")
+    if not args.finetuned:
+        raise UserError("give --finetuned NAME=PATH ... (or --from DIR to change a saved model)")
     finetuned = parse_pairs(args.finetuned)
     rank = parse_rank(args.rank)
     try:
@@ -110,7 +116,7 @@ def run(args) -> int:
     keep_merged = "all" if args.unknown == "merged" else "prefix"
     try:
         model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, support=support,
-                      keep_merged=keep_merged, solver=args.solver, device=args.device)
+                      keep_merged=keep_merged, solver=args.solver, device=args.device, bank_dtype=args.bank_dtype)
     except ValueError as exc:
         if support is None and (router.basis == "support" or args.unknown != "off"):
             raise UserError(f"{exc} (give --support TASK=DIR ...)") from None
@@ -128,8 +134,17 @@ def run(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     merge = subparsers.add_parser("merge", help="build a MASS model from a pretrained and fine-tuned checkpoints")
     merge.add_argument("--pretrained", required=True, help="HF CLIP (vision) model directory or hub id")
-    merge.add_argument("--finetuned", required=True, nargs="+", metavar="NAME=PATH",
-                       help="fine-tuned checkpoints: HF directories, .safetensors, or .pt state dicts")
+    merge.add_argument("--finetuned", nargs="+", metavar="NAME=PATH", default=None,
+                       help="fine-tuned checkpoints: HF directories, .safetensors, .pt state dicts, or PEFT LoRA "
+                            "adapter directories")
+    merge.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                       help="change a saved MASS model instead of merging: --add / --remove tasks, --bank-dtype "
+                            "(--pretrained names its encoder, whose weights must be the saved θ0)")
+    merge.add_argument("--add", nargs="+", metavar="NAME=PATH", default=[],
+                       help="with --from: tasks to add (only their deltas are decomposed)")
+    merge.add_argument("--remove", nargs="+", metavar="NAME", default=[], help="with --from: tasks to remove")
+    merge.add_argument("--bank-dtype", default=None, choices=["bfloat16", "float16"],
+                       help="store and apply the task factors in half precision (θ0 keeps its dtype)")
     merge.add_argument("--rank", default=None, help="k per matrix: int, or fraction of min(out, in); "
                                                      "default floor(min(out, in) / T)")
     merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
@@ -165,3 +180,65 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true")
     merge.set_defaults(func=run)
     return merge
+
+
+def run_update(args) -> int:
+    """``mass merge --from DIR [--remove NAME ...] [--add NAME=PATH ...] [--bank-dtype D] --out DIR2``: the
+    saved model with tasks removed, then added (``MASSModel.remove_tasks`` / ``add_tasks``), or its banks
+    rounded; the saved router is kept."""
+    import torch
+
+    from mass.files.hub import is_hub_id
+    from mass.nn.clip import load_vision
+    from mass.nn.model import MASSModel
+    from mass.storage.saved_format import SavedModelError
+    from mass.storage.serialization import read_saved
+
+    if args.finetuned or args.rank is not None:
+        raise UserError("--from changes a saved model: use --add NAME=PATH (not --finetuned); its ranks follow the "
+                        "saved model's (no --rank)")
+    if not (args.add or args.remove or args.bank_dtype):
+        raise UserError("--from DIR needs --add, --remove or --bank-dtype")
+    added = parse_pairs(args.add, "--add") if args.add else {}
+    for name, path in added.items():
+        if not os.path.lexists(path) and not is_hub_id(path):
+            raise UserError(f"checkpoint {name!r}: no such file {path}")
+    check_out(args.out)
+    try:
+        _, dec, heads = read_saved(args.from_dir)
+    except SavedModelError as exc:
+        raise UserError(f"--from {args.from_dir}: {exc}") from None
+    if heads is not None and added:
+        raise UserError("the saved model has classification heads: adding tasks needs their heads, which the "
+                        "command line cannot make yet (use MASSModel.add_tasks(..., heads=...) in Python)")
+    pretrained = load_vision(args.pretrained) if is_hub_id(args.pretrained) else load_pretrained_hf(args.pretrained)
+    weights = pretrained.state_dict()
+    differ = [k for k, v in dec.base.items() if k not in weights or not torch.equal(weights[k], v)]
+    if differ or set(weights) != set(dec.base):
+        raise UserError(f"--pretrained {args.pretrained} is not the encoder the saved model was merged from "
+                        f"(its weights differ from the saved θ0, e.g. {(differ or sorted(set(weights) ^ set(dec.base)))[0]!r})")
+    support = None
+    if args.support:
+        from mass.evaluation.data import ClipPreprocess
+        from mass.method.support import DEFAULT_IMAGES, read_support_dir
+
+        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
+        try:
+            support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
+                       for t, d in parse_pairs(args.support, "--support").items()}
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    model = MASSModel.from_pretrained(args.from_dir, pretrained)
+    if args.bank_dtype:
+        model = model.with_bank_dtype(args.bank_dtype)
+    if args.remove:
+        remaining = [t for t in model.tasks if t not in args.remove]
+        model = model.remove_tasks(args.remove, support=None if support is None else
+                                   {t: support[t] for t in remaining if t in support})
+    if added:
+        model = model.add_tasks(added, support=support, solver=args.solver, device=args.device,
+                                progress=not args.quiet)
+    model.save_pretrained(args.out)
+    print(f"saved MASS model with {len(model.tasks)} tasks to {args.out} "
+          f"(storage {model.storage_factor():.3f}x the pretrained model)")
+    return 0

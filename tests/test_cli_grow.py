@@ -1,0 +1,68 @@
+"""Issue 23 on the command line: ``mass merge --from DIR --add / --remove / --bank-dtype``."""
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mass
+from mass.nn.model import extract_embedding
+from mass.tools.cli.main import main
+
+from conftest import build_model, make_setup
+
+
+@pytest.fixture
+def saved(tmp_path):
+    pretrained, finetuned, _ = make_setup("hf_proj", n_tasks=3)
+    pretrained.save_pretrained(tmp_path / "pre")
+    for name, sd in finetuned.items():
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    args = ["merge", "--pretrained", str(tmp_path / "pre"), "--layer", "2", "--solver", "full", "--quiet"]
+    assert main(args + ["--finetuned", f"task0={tmp_path / 'task0.safetensors'}",
+                        f"task1={tmp_path / 'task1.safetensors'}", "--out", str(tmp_path / "m")]) == 0
+    return tmp_path, pretrained, finetuned, args
+
+
+def test_add_remove_and_bank_dtype_from_a_saved_model(saved, images):
+    tmp, pretrained, finetuned, args = saved
+    assert main(args + ["--from", str(tmp / "m"), "--remove", "task0", "--add",
+                        f"task2={tmp / 'task2.safetensors'}", "--out", str(tmp / "m2")]) == 0
+    got = mass.MASSModel.from_pretrained(tmp / "m2", build_model("hf_proj"))
+    model = mass.MASSModel.from_pretrained(tmp / "m", build_model("hf_proj"))
+    want = model.remove_tasks(["task0"]).add_tasks({"task2": finetuned["task2"]}, solver="full")
+    assert got.tasks == want.tasks == ["task1", "task2"]
+    for key, f in want.decomposition().lowrank.items():
+        assert torch.equal(got.decomposition().lowrank[key].V, f.V), key
+    assert torch.equal(extract_embedding(got(images)), extract_embedding(want(images)))
+    assert main(args + ["--from", str(tmp / "m2"), "--bank-dtype", "bfloat16", "--out", str(tmp / "m3")]) == 0
+    half = mass.MASSModel.from_pretrained(tmp / "m3", build_model("hf_proj"))
+    assert half.bank_dtype == torch.bfloat16 and half.storage_factor() < got.storage_factor()
+
+
+@pytest.mark.parametrize("tail,message", [
+    (["--add", "x=X"], "give it with --from"),
+    (["--from", "M", "--out", "O2"], "needs --add, --remove or --bank-dtype"),
+    (["--from", "M", "--finetuned", "x=X", "--out", "O2"], "use --add"),
+    (["--from", "M", "--remove", "nope", "--out", "O2"], "unknown task"),
+    (["--from", "M", "--remove", "task0", "task1", "--out", "O2"], "every task"),
+    (["--from", "M", "--add", "task1=X", "--out", "O2"], "already in the model"),
+    (["--from", "OTHER", "--remove", "task0", "--out", "O2"], "not the encoder the saved model was merged from"),
+])
+def test_errors_are_one_line(saved, capsys, tail, message):
+    tmp, pretrained, finetuned, args = saved
+    other = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        other.vision_model.post_layernorm.weight.add_(1.0)
+    mass.merge(other, finetuned, progress=False, solver="full").save_pretrained(tmp / "other")
+    subst = {"M": str(tmp / "m"), "O2": str(tmp / "o2"), "X": str(tmp / "task2.safetensors"),
+             "OTHER": str(tmp / "other")}
+    tail = [subst.get(a, a) if "=" not in a else a.split("=")[0] + "=" + subst.get(a.split("=")[1], a.split("=")[1])
+            for a in tail]
+    if "--out" not in tail:
+        tail += ["--out", str(tmp / "o2")]
+    rc = main(args + tail)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("mass: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp / "o2").exists()
