@@ -206,3 +206,28 @@ def test_old_files_without_the_new_fields_infer_the_rank_rule(tmp_path):
                                                              "sha256": content_sha256(text, tensors)})
         loaded = mass.MASSModel.from_pretrained(path, build_model("hf"))
         assert loaded.rank_rule == rule and loaded.bank_dtype is None
+
+
+def test_grown_and_shrunk_models_stay_servable(tmp_path, images):
+    """Class names and the image preprocessing follow add/remove (a self-contained directory stays one); a model
+    with class names refuses a new task without them instead of dropping every task's names."""
+    pretrained, finetuned, _ = make_setup("hf_proj", n_tasks=3)
+    names = list(finetuned)
+    heads = _heads(names, 16)
+    classes = {t: [f"{t}-c{i}" for i in range(3)] for t in names}
+    first = {t: finetuned[t] for t in names[:2]}
+    model = mass.merge(copy.deepcopy(pretrained), first, router=mass.RouterConfig(layer=2),
+                       heads={t: heads[t] for t in names[:2]}, solver="full", progress=False)
+    model.class_names = {t: classes[t] for t in names[:2]}
+    model.preprocessing = {**model.preprocessing, "mean": [0.5, 0.5, 0.5]}
+    with pytest.raises(ValueError, match=r"class_names=.*'task2'"):
+        model.add_tasks({names[2]: finetuned[names[2]]}, heads={names[2]: heads[names[2]]}, solver="full")
+    grown = model.add_tasks({names[2]: finetuned[names[2]]}, heads={names[2]: heads[names[2]]}, solver="full",
+                            class_names={names[2]: classes[names[2]]})
+    assert grown.class_names == classes and grown.preprocessing == model.preprocessing
+    shrunk = grown.remove_tasks([names[0]])
+    assert shrunk.class_names == {t: classes[t] for t in names[1:]}
+    shrunk.save_pretrained(tmp_path / "m")
+    loaded = mass.MASSModel.from_pretrained(tmp_path / "m")  # no base model: the directory is self-contained
+    assert loaded.class_names == shrunk.class_names and loaded.preprocessing == shrunk.preprocessing
+    assert torch.equal(loaded.classify(images).logits, shrunk.classify(images).logits)

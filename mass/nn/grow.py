@@ -78,12 +78,14 @@ def _calibration(model, new_tasks: list, support, exact_slice: Optional[list]):
                      f"the new model {new_tasks}")
 
 
-def _rebuild(model, dec: TaskDecomposition, heads, support, fit, base_model):
-    """The new model: ``dec`` on a fresh encoder, ``model``'s settings, calibrated on ``support`` or given ``fit``."""
+def _rebuild(model, dec: TaskDecomposition, heads, support, fit, base_model, class_names=None):
+    """The new model: ``dec`` on a fresh encoder, ``model``'s settings (router, flags, image preprocessing), the
+    given heads and class names, calibrated on ``support`` or given ``fit``."""
     encoder = fresh_encoder(model, dec, base_model)
     router = model.router_config
     kwargs = dict(heads=heads, reuse_prefix=model.reuse_prefix, keep_merged=model.keep_merged,
-                  max_cached_combos=model.max_cached_combos)
+                  max_cached_combos=model.max_cached_combos, class_names=class_names,
+                  preprocessing=model.preprocessing)
     if support is None:
         return type(model)(encoder, dec, router=router, support=fit, **kwargs)
     norm = "l2" if router.basis == "support" else router.norm
@@ -95,10 +97,28 @@ def _heads_of(model) -> Optional[dict]:
     return None if model.heads is None else {t: model.head(t) for t in model.tasks}
 
 
+def _class_names_of(model, tasks: list, new: Optional[Mapping] = None, new_heads=None) -> Optional[dict]:
+    """The new model's class names: ``model``'s for the tasks it keeps, and for added tasks ``new`` (or the class
+    names ``mass.Heads`` carry). A model with class names needs them for every added task: a partial set would
+    leave the saved directory unable to label those tasks, so it is refused rather than dropped. A model without
+    class names stays without (``new`` given for it is refused by MASSModel as a partial set)."""
+    old = model.class_names
+    if old is None:
+        return new
+    added = [t for t in tasks if t not in model.tasks]
+    if new is None and new_heads is not None and added and all(hasattr(new_heads[t], "classes") for t in added):
+        new = {t: new_heads[t].classes for t in added}
+    if added and (new is None or any(t not in new for t in added)):
+        raise ValueError(f"this model has class names: pass class_names={{task: [names]}} for the new task(s) "
+                         f"{added} (or heads built by mass.zero_shot_heads, which carry them)")
+    return {t: (old[t] if t in old else list(new[t])) for t in tasks}
+
+
 @torch.no_grad()
 def add_tasks(model, finetuned: Mapping[str, Checkpoint], heads: Optional[Mapping[str, torch.Tensor]] = None,
               support: Optional[Mapping[str, torch.Tensor]] = None, solver: str = "auto", device=None,
-              progress: bool = False, base_model: Optional[nn.Module] = None):
+              progress: bool = False, base_model: Optional[nn.Module] = None,
+              class_names: Optional[Mapping[str, Sequence[str]]] = None):
     """A new model with ``finetuned``'s tasks added after ``model``'s (see the module docstring)."""
     if not isinstance(finetuned, Mapping) or not finetuned:
         raise ValueError("finetuned must be a non-empty dict: task name -> checkpoint")
@@ -111,6 +131,7 @@ def add_tasks(model, finetuned: Mapping[str, Checkpoint], heads: Optional[Mappin
         raise ValueError("the model has heads: pass heads={task: (C, D) tensor} for the new tasks" if heads is None
                          else "the model has no heads: heads for the new tasks cannot be added")
     all_heads = None if heads is None else {**old_heads, **dict(heads)}
+    names = _class_names_of(model, tasks, class_names, heads)
     if all_heads is not None:
         check_heads(all_heads, tasks, model.arch.output_dim)
     images, fit = _calibration(model, tasks, support, None)
@@ -125,7 +146,7 @@ def add_tasks(model, finetuned: Mapping[str, Checkpoint], heads: Optional[Mappin
         new = to_bank_dtype(new, dec.bank_dtype)
     new = dataclasses.replace(new, rank_rule=dec.rank_rule)
     grown = joined(sliced(dec, ranks), new)
-    return _rebuild(model, grown, all_heads, images, fit, scratch)
+    return _rebuild(model, grown, all_heads, images, fit, scratch, names)
 
 
 @torch.no_grad()
@@ -139,7 +160,7 @@ def remove_tasks(model, names: Sequence[str], support: Optional[Mapping[str, tor
     images, fit = _calibration(model, dec.tasks, support, keep)
     old_heads = _heads_of(model)
     heads = None if old_heads is None else {t: old_heads[t] for t in dec.tasks}
-    return _rebuild(model, dec, heads, images, fit, base_model)
+    return _rebuild(model, dec, heads, images, fit, base_model, _class_names_of(model, dec.tasks))
 
 
 @torch.no_grad()
@@ -148,4 +169,5 @@ def with_bank_dtype(model, dtype, base_model: Optional[nn.Module] = None):
     Its router calibration, if any, is carried over: it was fitted on features of the unrounded model, which
     the rounding moves by about u_h relative; ``calibrate(support)`` refits it exactly."""
     dec = to_bank_dtype(model.decomposition(), dtype)
-    return _rebuild(model, dec, _heads_of(model), None, model.support, base_model)
+    return _rebuild(model, dec, _heads_of(model), None, model.support, base_model,
+                    _class_names_of(model, model.tasks))

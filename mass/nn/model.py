@@ -383,18 +383,21 @@ class MASSModel(nn.Module):
     # ------------------------------------------------------------------ tasks over time
     def add_tasks(self, finetuned: Mapping, heads: Optional[Mapping[str, torch.Tensor]] = None,
                   support: Optional[Mapping[str, torch.Tensor]] = None, solver: str = "auto", device=None,
-                  progress: bool = False, base_model: Optional[nn.Module] = None) -> "MASSModel":
+                  progress: bool = False, base_model: Optional[nn.Module] = None,
+                  class_names: Optional[Mapping[str, Sequence[str]]] = None) -> "MASSModel":
         """A new model with the tasks of ``finetuned`` (``{task: checkpoint}``, any form :func:`mass.merge`
         takes, LoRA adapter directories included) added after this model's: only their deltas are decomposed,
         the other tasks' factors are reused (sliced when the rank rule k = ⌊min(out, in) / T⌋ shrinks; kept when
         the rank was fixed), the first-pass TSV-M weights are rebuilt from the stored factors. ``heads``: the new
         tasks' heads (required when this model has heads). ``support``: images of every task of the new model
         when its router needs a calibration. The new model wraps a fresh copy of the encoder (``base_model``
-        when given; HF models are rebuilt from their config); this model is only read and stays usable."""
+        when given; HF models are rebuilt from their config); this model is only read and stays usable.
+        ``class_names``: the new tasks' class names (required when this model has class names, unless ``heads``
+        are ``mass.Heads``, which carry them); the image preprocessing is kept."""
         from mass.nn.grow import add_tasks
 
         return add_tasks(self, finetuned, heads=heads, support=support, solver=solver, device=device,
-                         progress=progress, base_model=base_model)
+                         progress=progress, base_model=base_model, class_names=class_names)
 
     def with_bank_dtype(self, bank_dtype, base_model: Optional[nn.Module] = None) -> "MASSModel":
         """A new model with this one's task values rounded to ``bank_dtype`` (``"bfloat16"``/``"float16"``),
