@@ -95,11 +95,12 @@ def baseline_apps(size: str, tasks: list, max_batch_size: int, batch_wait_ms: fl
 
     from mass.nn.encoders import default_preprocess
     from mass.serve.api import ApiError, Limits, parse_request
-    from mass.serve.engine import preprocess_of, rss_bytes
+    from mass.evaluation.data import ClipPreprocess
+    from mass.serve.engine import rss_bytes
 
     def setup(self):
         torch.set_num_threads(threads)
-        self.preprocess = preprocess_of(default_preprocess(ENCODERS[size]["image_size"]))
+        self.preprocess = ClipPreprocess.from_spec(default_preprocess(ENCODERS[size]["image_size"]))
         self.heads = {t: torch.nn.functional.normalize(h, dim=-1)
                       for t, h in heads_for(tasks, ENCODERS[size]["projection_dim"]).items()}
         self.limits = Limits()

@@ -66,3 +66,17 @@ def test_errors_are_one_line(saved, capsys, tail, message):
     assert rc == 2 and err.startswith("mass: error:") and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp / "o2").exists()
+
+
+def test_from_a_self_contained_directory_needs_no_pretrained(saved, images, capsys):
+    """A directory that carries its encoder's config (issue 22) is changed with --from alone; a plain merge
+    still needs --pretrained, and says so."""
+    tmp, pretrained, finetuned, args = saved
+    assert main(["merge", "--from", str(tmp / "m"), "--remove", "task0", "--quiet", "--out", str(tmp / "m2")]) == 0
+    got = mass.MASSModel.from_pretrained(tmp / "m2")
+    want = mass.MASSModel.from_pretrained(tmp / "m", build_model("hf_proj")).remove_tasks(["task0"])
+    assert got.tasks == want.tasks == ["task1"]
+    assert torch.equal(extract_embedding(got(images)), extract_embedding(want(images)))
+    capsys.readouterr()
+    assert main(["merge", "--finetuned", f"task0={tmp / 'task0.safetensors'}", "--out", str(tmp / "m3")]) == 2
+    assert "give --pretrained" in capsys.readouterr().err

@@ -40,6 +40,15 @@ class ClipPreprocess:
     do_normalize: bool = True
 
     @classmethod
+    def from_spec(cls, spec: Mapping) -> "ClipPreprocess":
+        """From the plain dict a saved MASS model keeps (``MASSModel.preprocessing``: this class's fields, lists
+        for tuples)."""
+        spec = dict(spec)
+        for name in ("crop", "mean", "std"):
+            spec[name] = tuple(spec[name])
+        return cls(**spec)
+
+    @classmethod
     def from_config(cls, config: Mapping) -> "ClipPreprocess":
         """From a ``preprocessor_config.json`` dictionary."""
         size = config.get("size", 224)

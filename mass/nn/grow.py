@@ -23,7 +23,7 @@ from torch import nn
 from mass.files.checkpoints import Checkpoint
 from mass.method.decompose import TaskDecomposition, decompose
 from mass.method.half_banks import to_bank_dtype
-from mass.method.support import SupportFit, check_support
+from mass.method.support import check_support
 from mass.method.task_sets import grown_ranks, joined, sliced, without
 from mass.nn.adapters import detect
 from mass.nn.clip import prepare

@@ -102,7 +102,7 @@ class Engine:
         self.directory = str(directory)
         self.model = load_servable(directory)
         self.tasks = list(self.model.tasks)
-        self.preprocess = preprocess_of(self.model.preprocessing)
+        self.preprocess = ClipPreprocess.from_spec(self.model.preprocessing)
         self.logit_scale = logit_scale
         self.load_seconds = time.perf_counter() - started
 
@@ -179,13 +179,6 @@ def _jsonable(config) -> dict:
 
     out = dataclasses.asdict(config)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
-
-
-def preprocess_of(spec: Optional[dict]) -> ClipPreprocess:
-    spec = dict(spec)
-    spec["crop"] = tuple(spec["crop"])
-    spec["mean"], spec["std"] = tuple(spec["mean"]), tuple(spec["std"])
-    return ClipPreprocess(**spec)
 
 
 def classify_answer(result, tasks: Sequence[str], class_names, top_k: int, forced: bool, batch_size: int) -> dict:

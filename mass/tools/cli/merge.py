@@ -83,6 +83,8 @@ def run(args) -> int:
         raise UserError("--add and --remove change a saved model: give it with --from DIR")
     if not args.finetuned:
         raise UserError("give --finetuned NAME=PATH ... (or --from DIR to change a saved model)")
+    if args.pretrained is None:
+        raise UserError("give --pretrained DIR_OR_ID: the model the checkpoints were fine-tuned from")
     finetuned = parse_pairs(args.finetuned)
     rank = parse_rank(args.rank)
     try:
@@ -133,13 +135,16 @@ def run(args) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     merge = subparsers.add_parser("merge", help="build a MASS model from a pretrained and fine-tuned checkpoints")
-    merge.add_argument("--pretrained", required=True, help="HF CLIP (vision) model directory or hub id")
+    merge.add_argument("--pretrained", default=None,
+                       help="HF CLIP (vision) model directory or hub id (with --from: only for a saved model that "
+                            "is not self-contained)")
     merge.add_argument("--finetuned", nargs="+", metavar="NAME=PATH", default=None,
                        help="fine-tuned checkpoints: HF directories, .safetensors, .pt state dicts, or PEFT LoRA "
                             "adapter directories")
     merge.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
                        help="change a saved MASS model instead of merging: --add / --remove tasks, --bank-dtype "
-                            "(--pretrained names its encoder, whose weights must be the saved θ0)")
+                            "(a directory saved before the encoder's config was saved needs --pretrained, whose "
+                            "weights must be the saved θ0)")
     merge.add_argument("--add", nargs="+", metavar="NAME=PATH", default=[],
                        help="with --from: tasks to add (only their deltas are decomposed)")
     merge.add_argument("--remove", nargs="+", metavar="NAME", default=[], help="with --from: tasks to remove")
@@ -193,6 +198,8 @@ def run_update(args) -> int:
     from mass.nn.model import MASSModel
     from mass.storage.saved_format import SavedModelError
     from mass.storage.serialization import read_saved
+    from mass.evaluation.data import ClipPreprocess
+    from mass.method.support import DEFAULT_IMAGES, read_support_dir
 
     if args.finetuned or args.rank is not None:
         raise UserError("--from changes a saved model: use --add NAME=PATH (not --finetuned); its ranks follow the "
@@ -211,24 +218,31 @@ def run_update(args) -> int:
     if heads is not None and added:
         raise UserError("the saved model has classification heads: adding tasks needs their heads, which the "
                         "command line cannot make yet (use MASSModel.add_tasks(..., heads=...) in Python)")
-    pretrained = load_vision(args.pretrained) if is_hub_id(args.pretrained) else load_pretrained_hf(args.pretrained)
-    weights = pretrained.state_dict()
-    differ = [k for k, v in dec.base.items() if k not in weights or not torch.equal(weights[k], v)]
-    if differ or set(weights) != set(dec.base):
-        raise UserError(f"--pretrained {args.pretrained} is not the encoder the saved model was merged from "
-                        f"(its weights differ from the saved θ0, e.g. {(differ or sorted(set(weights) ^ set(dec.base)))[0]!r})")
+    if args.pretrained is None:  # a self-contained directory: the encoder is built from its saved config
+        try:
+            model = MASSModel.from_pretrained(args.from_dir)
+        except ValueError as exc:
+            raise UserError(f"--from {args.from_dir}: {exc}; give --pretrained DIR_OR_ID (the encoder it was "
+                            f"merged from)") from None
+        preprocess = ClipPreprocess.from_spec(model.preprocessing)
+    else:
+        pretrained = (load_vision(args.pretrained) if is_hub_id(args.pretrained)
+                      else load_pretrained_hf(args.pretrained))
+        weights = pretrained.state_dict()
+        differ = [k for k, v in dec.base.items() if k not in weights or not torch.equal(weights[k], v)]
+        if differ or set(weights) != set(dec.base):
+            raise UserError(f"--pretrained {args.pretrained} is not the encoder the saved model was merged from "
+                            f"(its weights differ from the saved θ0, e.g. "
+                            f"{(differ or sorted(set(weights) ^ set(dec.base)))[0]!r})")
+        model = MASSModel.from_pretrained(args.from_dir, pretrained)
+        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
     support = None
     if args.support:
-        from mass.evaluation.data import ClipPreprocess
-        from mass.method.support import DEFAULT_IMAGES, read_support_dir
-
-        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
         try:
             support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
                        for t, d in parse_pairs(args.support, "--support").items()}
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    model = MASSModel.from_pretrained(args.from_dir, pretrained)
     if args.bank_dtype:
         model = model.with_bank_dtype(args.bank_dtype)
     if args.remove:
