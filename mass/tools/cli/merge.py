@@ -134,7 +134,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "pretrained features, top-1) or RouterConfig.few_example() (needs --support); the "
                             "routing flags below override it")
     merge.add_argument("--mode", default=None, choices=["top1", "topk", "weighted"], help="default: the preset's")
-    merge.add_argument("--token", default=None, choices=["cls", "mean"], help="default: the preset's")
+    merge.add_argument("--token", default=None, choices=["cls", "mean", "patch_mean"], help="default: the preset's")
     merge.add_argument("--features", default=None, choices=["merged", "pretrained"],
                        help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
     merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],
