@@ -188,3 +188,30 @@ def test_prefix_reuse_at_an_early_block_equals_the_hybrid_model(arch_name, mode,
         bound = encoder_bound(reference, want, rank=lowrank_width(model, len(ids)))
         assert_within(out[i:i + 1], want, bound, f"{arch_name} {mode} row {i} tasks {ids}")
     assert n_sets == (images.shape[0] if mode == "topk" else 0)
+
+
+@pytest.mark.parametrize("arch_name", ["hf", "openclip_bf", "openclip_sf"])
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_no_block_and_no_patch_embedding_runs_twice_with_prefix_reuse(arch_name, reuse_prefix, images):
+    """Where the forward's work goes (CPU path): without reuse the first pass runs fc1 in blocks < L only (the
+    routing block is trimmed to the CLS row) and the second pass every block; with reuse the first pass runs
+    blocks ≤ L whole and the second pass only the blocks after L and no patch embedding (replayed prefix)."""
+    pretrained, finetuned, _ = make_setup(arch_name)
+    L = 1
+    model = mass.merge(pretrained, finetuned, router=mass.RouterConfig(layer=L, mode="top1", features="pretrained"),
+                       reuse_prefix=reuse_prefix, progress=False)
+    fc1_calls, patch_calls = [], []
+    for i, fc1 in enumerate(model.arch.fc1):
+        fc1.register_forward_pre_hook(lambda m, a, i=i: fc1_calls.append(i))
+    conv = next(m for m in model.model.modules() if isinstance(m, mass.nn.layers.MASSConv2d))
+    for method in ("_patch_gemm", "_patch_forward", "_conv"):
+        original = getattr(conv, method)
+        setattr(conv, method, lambda *a, original=original, method=method: patch_calls.append(method) or original(*a))
+    model(images)
+    n = model.arch.n_blocks
+    if reuse_prefix:
+        assert fc1_calls == list(range(L + 1)) + list(range(L + 1, n))
+        assert len(patch_calls) == 1  # the first pass's
+    else:
+        assert fc1_calls == list(range(L)) + list(range(n))
+        assert len(patch_calls) == 2
