@@ -368,13 +368,13 @@ def main():
     p.add_argument("--render", metavar="JSON")
     p.add_argument("--plot", metavar="PNG")
     args = p.parse_args()
-    if args.render:
+    if not (args.render or args.out):
+        p.error("give --out FILE to measure, or --render FILE to print a finished run's tables")
+    report = run(args.seeds, args.out, log=lambda m: print(m, flush=True)) if args.out else None
+    if report is None:
         with open(args.render) as fh:
-            print(render(json.load(fh), args.plot))
-        return
-    if not args.out:
-        p.error("--out is required to measure")
-    run(args.seeds, args.out, log=lambda m: print(m, flush=True))
+            report = json.load(fh)
+    print(render(report, args.plot))
 
 
 if __name__ == "__main__":

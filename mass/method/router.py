@@ -196,6 +196,19 @@ class RouterConfig:
         return cls(**{"basis": "support", "features": "pretrained", "centre": False, "whiten": 0.2, "mode": "top1",
                       **overrides})
 
+    @classmethod
+    def fast(cls, **overrides) -> "RouterConfig":
+        """The cheapest router within 0.5 point of the best (issue 25; docs/router_study.md section 10): the
+        few-example router (fit it with ``mass.merge(..., support=...)`` or :meth:`MASSModel.calibrate`) at an
+        early block placed by ``depth`` (the first pass runs about ``depth`` of a forward whatever the encoder's
+        depth). PLACEHOLDER: the settings are filled from the study. ``layer=`` or ``layers=`` in ``overrides``
+        replace the depth."""
+        preset = {"basis": "support", "features": "pretrained", "centre": False, "whiten": 0.2, "mode": "top1",
+                  "depth": 0.5}
+        if "layer" in overrides or "layers" in overrides:
+            del preset["depth"]
+        return cls(**{**preset, **overrides})
+
     def resolved_layers(self, n_blocks: int) -> list[int]:
         """The blocks whose MLP input is scored, ascending."""
         if self.layers is not None:
