@@ -215,3 +215,20 @@ def test_no_block_and_no_patch_embedding_runs_twice_with_prefix_reuse(arch_name,
     else:
         assert fc1_calls == list(range(L)) + list(range(n))
         assert len(patch_calls) == 2
+
+
+def test_fast_preset_routes_by_depth_and_takes_a_block_override():
+    fast = mass.RouterConfig.fast()
+    assert fast.basis == "support" and fast.mode == "top1" and fast.depth is not None and fast.layer is None
+    assert mass.RouterConfig.fast(layer=3).depth is None and mass.RouterConfig.fast(layer=3).layer == 3
+    assert mass.RouterConfig.fast(layers=[1, 2]).resolved_layers(6) == [1, 2]
+    from mass.evaluation.protocol import ROUTERS
+    from mass.tools.cli.main import build_parser
+    from mass.tools.cli.merge import router_from_args
+
+    def cli(*flags):
+        return router_from_args(build_parser().parse_args(["merge", "--pretrained", "p", "--finetuned", "a=x",
+                                                             "--out", "o", *flags]))
+
+    assert cli("--router", "fast") == fast == ROUTERS["fast"]()
+    assert cli("--router", "fast", "--layer", "4") == mass.RouterConfig.fast(layer=4)
