@@ -183,8 +183,11 @@ def annotate(report: dict, patch_whole_for_sets: bool = True) -> list[dict]:
     for r in report.get("results", []):
         if r.get("provider") != "ours" or r.get("ratio_to_plain") is None or r.get("model") not in MODEL_CONFIGS:
             continue
-        model = model_ratio(r["model"], r["n_tasks"], r.get("router_mode") or "top1", r.get("routing_layer"),
-                            patch_whole_for_sets)
+        if r.get("reuse_prefix"):
+            model = early_ratio(r["model"], r["n_tasks"], r["routing_layer"], reuse_prefix=True)
+        else:
+            model = model_ratio(r["model"], r["n_tasks"], r.get("router_mode") or "top1", r.get("routing_layer"),
+                                patch_whole_for_sets)
         r["flop_model_ratio"] = model
         r["measured_over_model"] = r["ratio_to_plain"] / model
         rows.append(r)
@@ -208,6 +211,7 @@ def main(argv=None) -> None:
             report = json.load(f)
         for r in annotate(report, args.patch_whole_for_sets):
             print(f"{r['model']} T={r['n_tasks']} B={r['batch']:<3d} {r['mix']:6s} {r.get('router_mode') or '':6s} "
+                  f"{r.get('variant') or '':9s} block {r.get('routing_layer')!s:3s} "
                   f"measured {r['ratio_to_plain']:.3f}x  model {r['flop_model_ratio']:.3f}x  "
                   f"measured/model {r['measured_over_model']:.3f}")
         return
