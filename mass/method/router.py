@@ -203,8 +203,8 @@ class RouterConfig:
         early block placed by ``depth`` (the first pass runs about ``depth`` of a forward whatever the encoder's
         depth). PLACEHOLDER: the settings are filled from the study. ``layer=`` or ``layers=`` in ``overrides``
         replace the depth."""
-        preset = {"basis": "support", "features": "pretrained", "centre": False, "whiten": 0.2, "mode": "top1",
-                  "depth": 0.5}
+        preset = {"basis": "support", "features": "pretrained", "support_rank": 2, "centre": True, "whiten": 0.5,
+                  "mode": "top1", "depth": 5 / 12}
         if "layer" in overrides or "layers" in overrides:
             del preset["depth"]
         return cls(**{**preset, **overrides})
