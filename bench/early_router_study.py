@@ -399,7 +399,7 @@ def render(report: dict, plot=None) -> str:
         handles, labels = ax.get_legend_handles_labels()
         keep = dict(zip(labels, handles))
         ax.legend(keep.values(), keep.keys(), fontsize=8, loc="lower right")
-        ax.set_xlabel(f"cost: FLOP-model ratio to one plain forward (ViT-B/32, T=8, top-1) at the same depth share")
+        ax.set_xlabel("cost: FLOP-model ratio to one plain forward (ViT-B/32, T=8, top-1); demo block l at B/32 block 2l")
         ax.set_ylabel("normalised accuracy, test (%), mean of 3 seeds")
         ax.set_title("Accuracy vs first-pass cost (offline demo, 6 blocks; setting per point chosen on validation)",
                      fontsize=9)
