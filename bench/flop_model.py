@@ -22,6 +22,11 @@ whole patch weight per set. HF CLIP has separate q, k, v projections, so the ran
 per token and block against 12·D² (+18.75% of the linear FLOPs at T = 8; 16·k·D, +16.7%, the issue's 1.167×,
 with open_clip's fused in_proj) for top-1, twice that for two slots.
 
+Early routers (issue 25, ``early_ratio``; ``python bench/flop_model.py --early``): routing at block l
+costs the patch GEMM, l whole blocks and the (trimmed) routing block before the whole second pass; with prefix
+reuse the second pass runs only the blocks after l, so the total is about one forward plus the router and the
+rank-k blocks of the blocks after l.
+
 ``annotate(report)`` adds the model's ratio and measured/model to the ``ours`` rows of a ``mass bench``
 report; ``python bench/flop_model.py --report FILE.json`` prints them.
 """
@@ -129,6 +134,36 @@ def _paper_layer(n_blocks: int) -> int:
     return RouterConfig().resolved_layers(n_blocks)[-1]
 
 
+def attention_part_flops(s: Shape) -> float:
+    """A whole block up to its MLP input (q, k, v, out projection and the attention, every token): the routing
+    block of a first pass that reads a token mean (all rows are needed, so it cannot be trimmed to the CLS row)."""
+    N, D = s.tokens, s.width
+    return 2.0 * N * 4 * D * D + 4.0 * N * N * D
+
+
+def early_ratio(name: str, n_tasks: int, routing_layer: int, reuse_prefix: bool = False, token: str = "cls",
+                blocks_scored: int = 1) -> float:
+    """Top-1 routed forward over one plain forward with the routing block at ``routing_layer`` (issue 25).
+
+    Without prefix reuse: the first pass runs the patch GEMM and ``routing_layer`` whole blocks, then the routing
+    block trimmed to the CLS row (``token="cls"``) or up to its MLP input for every token (a token mean); the
+    router's GEMM per scored block; the second pass is the whole top-1 pass. With prefix reuse: the first pass
+    runs the routing block whole (its output is replayed), the second pass only the blocks after it (no patch
+    GEMM: the replayed blocks and the embedding are skipped)."""
+    s = Shape.of(name)
+    rank = s.width // n_tasks
+    router = 2.0 * n_tasks * rank * s.width * blocks_scored
+    plain = plain_flops(s, 1)
+    if reuse_prefix:
+        first = patch_flops(s) + (routing_layer + 1) * block_flops(s) + router
+        second = (s.layers - routing_layer - 1) * block_flops(s, rank)
+    else:
+        routing_block = routing_block_flops(s) if token == "cls" else attention_part_flops(s)
+        first = patch_flops(s) + routing_layer * block_flops(s) + routing_block + router
+        second = second_pass_flops(s, 1, n_tasks, 1, True)
+    return (first + second) / plain
+
+
 def model_ratio(name: str, n_tasks: int, router_mode: str, routing_layer: int | None = None,
                 patch_whole_for_sets: bool = True) -> float:
     """The FLOP model's ratio to plain for one ``mass bench`` row (``top1``; ``topk``/``weighted``: two slots)."""
@@ -148,8 +183,11 @@ def annotate(report: dict, patch_whole_for_sets: bool = True) -> list[dict]:
     for r in report.get("results", []):
         if r.get("provider") != "ours" or r.get("ratio_to_plain") is None or r.get("model") not in MODEL_CONFIGS:
             continue
-        model = model_ratio(r["model"], r["n_tasks"], r.get("router_mode") or "top1", r.get("routing_layer"),
-                            patch_whole_for_sets)
+        if r.get("reuse_prefix"):
+            model = early_ratio(r["model"], r["n_tasks"], r["routing_layer"], reuse_prefix=True)
+        else:
+            model = model_ratio(r["model"], r["n_tasks"], r.get("router_mode") or "top1", r.get("routing_layer"),
+                                patch_whole_for_sets)
         r["flop_model_ratio"] = model
         r["measured_over_model"] = r["ratio_to_plain"] / model
         rows.append(r)
@@ -165,14 +203,27 @@ def main(argv=None) -> None:
     p.add_argument("--patch-delta-for-sets", dest="patch_whole_for_sets", action="store_false",
                    help="model the two-slot patch embedding as base + one delta GEMM per slot (code before the "
                         "set patch-weight cache)")
+    p.add_argument("--early", action="store_true", help="the top-1 ratio per routing block, with and without "
+                                                         "prefix reuse (issue 25)")
     args = p.parse_args(argv)
     if args.report:
         with open(args.report) as f:
             report = json.load(f)
         for r in annotate(report, args.patch_whole_for_sets):
             print(f"{r['model']} T={r['n_tasks']} B={r['batch']:<3d} {r['mix']:6s} {r.get('router_mode') or '':6s} "
+                  f"{r.get('variant') or '':9s} block {r.get('routing_layer')!s:3s} "
                   f"measured {r['ratio_to_plain']:.3f}x  model {r['flop_model_ratio']:.3f}x  "
                   f"measured/model {r['measured_over_model']:.3f}")
+        return
+    if args.early:
+        s = Shape.of(args.model)
+        print(f"{args.model}, T={args.tasks}, top-1, routing block l (0-based) of {s.layers}: ratio to one plain "
+              f"forward (FLOPs)")
+        print("   l   cls    mean   cls+reuse_prefix")
+        for l in range(s.layers):
+            print(f"  {l:2d}  {early_ratio(args.model, args.tasks, l):.3f}  "
+                  f"{early_ratio(args.model, args.tasks, l, token='mean'):.3f}  "
+                  f"{early_ratio(args.model, args.tasks, l, reuse_prefix=True):.3f}")
         return
     m = model_ratios(args.model, args.tasks, args.batch)
     print(f"{m['model']}, T={m['n_tasks']}, batch {m['batch']}, routing block {m['routing_layer']}: "

@@ -14,7 +14,7 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     result = run["result"]
     assert result["rows"] == ["individual", "zero_shot", "task_arithmetic", "ties", "tsv", "mass[paper]",
                               "mass[top1]", "mass[recommended]", "mass[energy]", "mass[few-example]",
-                              "mass[few-example-last]", "mass_oracle"]
+                              "mass[few-example-last]", "mass[fast]", "mass_oracle"]
     assert "from the support data" in result["config"]["support"]  # calibrated on training images, not test
     assert all(abs(v - 1.0) < 1e-12 for v in result["normalized"]["individual"].values())
     # the regime verdict is the stated criteria applied to the reported numbers
@@ -27,7 +27,7 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
                           c["individual_task_min"] and g["zero_shot_normalised"] <= c["zero_shot_normalised_max"])
     if not report["regime_holds"]:
         assert "criteria NOT met" in printed and "smoke run" in printed
-    for router in ("paper", "top1", "recommended", "energy", "few-example", "few-example-last"):
+    for router in ("paper", "top1", "recommended", "energy", "few-example", "few-example-last", "fast"):
         assert 0.0 <= report["summary"][f"mass[{router}]"]["avg_routing"] <= 1.0
         assert result["latency"][router]["ratio"] > 0
     assert result["storage_factor"] > 1.0

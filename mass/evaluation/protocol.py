@@ -47,6 +47,7 @@ ROUTERS = {
     "recommended": RouterConfig.recommended,  # θ0's features, top-1 (docs/router_study.md)
     "energy": lambda: RouterConfig.recommended(norm="energy"),  # the same, scores calibrated per task, no data
     "few-example": RouterConfig.few_example,  # a support-set basis from a few unlabelled images per task
+    "fast": RouterConfig.fast,  # the same at an early block: the cheapest within 0.5 point (issue 25)
 }
 SUPPORT_SEED = 0  # the draw of support images from the evaluation data (when no support_data is given)
 

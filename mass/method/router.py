@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-_TOKENS = ("cls", "mean")
+_TOKENS = ("cls", "mean", "patch_mean")
 _MODES = ("top1", "topk", "weighted")
 _FEATURES = ("merged", "pretrained")
 NORMS = ("l2", "sv", "energy")
@@ -63,6 +63,11 @@ class RouterConfig:
     from the factors alone (:func:`norm_weights`): ``"l2"`` the plain residual, ``"sv"`` each basis direction
     weighted by its singular value relative to the task's largest, ``"energy"`` by its share of the task's
     delta energy (s_i² / Σ s_j²), so every task's score is normalised by what its delta does to a random input.
+    ``token``: the routing feature of a block's MLP input: ``"cls"`` (the class token's row, the paper's),
+    ``"mean"`` (the mean over all tokens) or ``"patch_mean"`` (the mean over the patch tokens, the class token
+    left out). ``depth`` in (0, 1] places the routing block by the encoder's depth instead of ``layer``: the
+    last of the first ⌈depth · N⌉ blocks (:func:`depth_layer`), so the first pass runs about ``depth`` of a
+    forward whatever N (the early router of :meth:`fast`).
 
     Few-example router (``basis="support"``, :mod:`mass.method.support`): per task, the top ``support_rank`` right
     singular vectors of the routing features of a few unlabelled images of that task (centred on their mean
@@ -103,6 +108,7 @@ class RouterConfig:
     unknown: str = "off"
     unknown_threshold: float = 1.0
     whiten: float = 0.0
+    depth: Optional[float] = None
 
     def __post_init__(self):
         def set_(name, value):
@@ -150,6 +156,13 @@ class RouterConfig:
         if self.whiten > 0 and self.basis != "support":
             raise ValueError(f"RouterConfig.whiten={self.whiten!r} whitens by the support images' covariance: it "
                              f"needs basis='support'")
+        if self.depth is not None:
+            set_("depth", _float("depth", self.depth))
+            if not 0.0 < self.depth <= 1.0:
+                raise ValueError(f"RouterConfig.depth must lie in (0, 1], got {self.depth!r}")
+            if self.layer is not None or self.layers is not None:
+                raise ValueError("RouterConfig.depth places the routing block by the encoder's depth: give depth, "
+                                 "layer or layers, not several")
         if self.basis == "support" and self.norm != "l2":
             raise ValueError(f"RouterConfig.norm={self.norm!r} weights the fc1 basis by its singular values; the "
                              f"support basis has none: use norm='l2' with basis='support'")
@@ -183,11 +196,31 @@ class RouterConfig:
         return cls(**{"basis": "support", "features": "pretrained", "centre": False, "whiten": 0.2, "mode": "top1",
                       **overrides})
 
+    @classmethod
+    def fast(cls, **overrides) -> "RouterConfig":
+        """The few-example router (fit it with ``mass.merge(..., support=...)`` or :meth:`MASSModel.calibrate`)
+        at an early block placed by ``depth=5/12`` (block 4 of ViT-B/32's 12: the first pass runs about 5/12
+        of a forward), centred, rank 1, whitened (0.5): the best router on validation images whose FLOP-model
+        cost on ViT-B/32 (T = 8, top-1) is at most 1.6× one plain forward (issue 25; docs/router_study.md
+        section 10: 1.545× by FLOPs against 1.951× at the paper's block). On the offline benchmark (3 seeds,
+        32 images per task, test images; block 2 of 6) it routed 91.9 ± 0.9% right (normalised accuracy
+        90.7 ± 1.1%) against 98.4 ± 0.2% (97.4 ± 0.4%) at the last block: a shorter first pass bought with
+        accuracy; no earlier block came within 0.5 point of the last there. ``layer=`` or ``layers=`` in
+        ``overrides`` replace the depth."""
+        preset = {"basis": "support", "features": "pretrained", "support_rank": 1, "centre": True, "whiten": 0.5,
+                  "mode": "top1", "depth": 5 / 12}
+        if "layer" in overrides or "layers" in overrides:
+            del preset["depth"]
+        return cls(**{**preset, **overrides})
+
     def resolved_layers(self, n_blocks: int) -> list[int]:
         """The blocks whose MLP input is scored, ascending."""
-        layers = self.layers if self.layers is not None else [
-            default_layer(n_blocks) if self.layer is None else self.layer
-        ]
+        if self.layers is not None:
+            layers = self.layers
+        elif self.depth is not None:
+            layers = [depth_layer(self.depth, n_blocks)]
+        else:
+            layers = [default_layer(n_blocks) if self.layer is None else self.layer]
         for layer in layers:
             if layer >= n_blocks:
                 raise ValueError(f"router layer {layer} does not exist: the encoder has {n_blocks} blocks (0-based)")
@@ -196,6 +229,12 @@ class RouterConfig:
 
 def default_layer(n_blocks: int) -> int:
     return {12: 9, 24: 20}.get(n_blocks, int(0.75 * n_blocks))
+
+
+def depth_layer(depth: float, n_blocks: int) -> int:
+    """The routing block of ``RouterConfig.depth``: the last of the first ``ceil(depth · n_blocks)`` blocks, so
+    the first pass runs about ``depth`` of a forward (0.5: block 2 of 6, block 5 of 12, block 11 of 24)."""
+    return max(0, math.ceil(round(depth * n_blocks, 9)) - 1)
 
 
 def norm_weights(S: torch.Tensor, norm: str) -> Optional[torch.Tensor]:

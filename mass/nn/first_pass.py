@@ -27,11 +27,15 @@ def routing_basis(factors: list[LowRankFactors], norm: str) -> torch.Tensor:
 
 
 def routing_token(model, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """The routing feature of block ``layer``'s MLP input ``x``: the CLS token's row, or the mean over tokens
-    (the sequence axis depends on the block's batch-first or sequence-first layout)."""
+    """The routing feature of block ``layer``'s MLP input ``x``: the CLS token's row, the mean over tokens, or
+    the mean over the patch tokens (all but the first; the sequence axis depends on the block's batch-first or
+    sequence-first layout)."""
     seq_axis = 1 - model.arch.batch_axes[layer]
-    if model.router_config.token == "cls":
+    token = model.router_config.token
+    if token == "cls":
         return x.select(seq_axis, 0)
+    if token == "patch_mean" and x.shape[seq_axis] > 1:
+        return x.narrow(seq_axis, 1, x.shape[seq_axis] - 1).mean(seq_axis)
     return x.mean(seq_axis)
 
 

@@ -86,18 +86,20 @@ ROUTER_FIELDS = {
     "unknown": ("string",),
     "unknown_threshold": _NUMBER,
     "whiten": _NUMBER,
+    "depth": ("int", "number", "null"),
 }
 # Router fields added while format 1 was current; a format-1 config without them ran with these values.
 ROUTER_V1_DEFAULTS = {"layers": None, "features": "merged", "norm": "l2"}
 # Added in format 2 (issue 14): a config without them (and without "support") ran with these values.
 ROUTER_V2_DEFAULTS = {"basis": "fc1", "support_rank": None, "centre": False, "unknown": "off",
-                      "unknown_threshold": 1.0, "whiten": 0.0}
+                      "unknown_threshold": 1.0, "whiten": 0.0, "depth": None}
 SUPPORT_FIELDS = {"layers": ("list",), "features": ("string",), "token": ("string",), "n_images": ("int",),
                   "norm": ("string",), "whiten": _NUMBER}
 # "support.norm" (the fc1 weighting the calibrated scale was measured with) was added after format 2 first
 # shipped: a file without it ran its detector with its scales under the router's own norm, and still does.
 # "router.whiten", "support.whiten" and support/whitener (the whitened support router) came later still: a file
-# without them is an unwhitened one (whiten 0).
+# without them is an unwhitened one (whiten 0). "router.depth" (the early router's block as a share of the depth,
+# issue 25) came after that: a file without it places its block by "layer"/"layers" (depth null).
 _KIND_WORDS = {"null": "null", "bool": "a bool", "int": "an int", "number": "a number", "string": "a string",
                "list": "a list", "object": "an object"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -214,6 +214,7 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
     # One model per router mode, all sharing mm's encoder and banks (with_router: nothing is decomposed again).
     views = {mode: mm.with_router(dataclasses.replace(mm.router_config, mode=mode)) for mode in args.router_mode}
     top1 = mm.with_router(dataclasses.replace(mm.router_config, mode="top1"))
+    early = early_views(mm, top1, args, cfg.image_size, device, dtype)
     for batch in batches:
         x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
         for mix in args.mix:
@@ -230,6 +231,9 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                 if mode != "top1" and mix == "mixed":
                     info[key]["reason"] = ("every sample forced to a two-task set {i, i+1 mod T} (TSV-M over the "
                                            "pair): the cost ceiling of the two-slot path; not compared here")
+            for key, view in early.items() if "ours" in args.providers else ():
+                fns[key] = _ours_call(view, x, forced)
+                info[key] = {"status": "ok", "reason": None}
             if authors is not None:
                 fns["authors"] = lambda x=x, forced=forced: authors(x, forced)
             if "ensemble" in args.providers:
@@ -270,9 +274,13 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
                 for key in [p for p in fns if p.split("@")[0] in args.providers] + \
                         [p for p in info if p not in fns]:
                     p, _, mode = key.partition("@")
+                    mode, _, variant = mode.partition("@")
+                    view = early.get(key, mm)
                     rec = dict(model=name, n_tasks=n_tasks, batch=batch, mix=mix, router_mode=_mode_of(p, mode),
-                               dtype=args.dtype, routing_layer=mm.routing_layer, task_groups=groups,
+                               dtype=args.dtype, routing_layer=view.routing_layer, task_groups=groups,
                                provider=p, setup_s=setup_s, **info.get(key, {"status": "skipped", "reason": None}))
+                    if variant:
+                        rec.update(variant=variant, reuse_prefix=view.reuse_prefix)
                     rec["stored_vs_pretrained"] = stored[p]
                     rec["resident_bytes"] = held[p]
                     if p in ("ours", "ours_graph"):
@@ -290,6 +298,27 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def early_views(mm, top1, args, image_size: int, device, dtype) -> dict:
+    """Top-1 routed models timed beside the others (issue 25): ``--routing-layers`` (each block, and with
+    ``--reuse-prefix`` the same block with prefix reuse) and ``--router-preset fast`` (``RouterConfig.fast()``,
+    calibrated on random images: its cost does not depend on what the support shows). Keys
+    ``ours@top1@<variant>``; all share ``mm``'s encoder and banks."""
+    from mass.method.router import RouterConfig
+
+    views = {}
+    for layer in args.routing_layers or ():
+        cfg = dataclasses.replace(top1.router_config, layer=layer)
+        views[f"ours@top1@L{layer}"] = mm.with_router(cfg, reuse_prefix=False)
+        if args.reuse_prefix:
+            views[f"ours@top1@L{layer}+reuse"] = mm.with_router(cfg, reuse_prefix=True)
+    if args.router_preset == "fast":
+        gen = torch.Generator().manual_seed(args.seed + 2)
+        support = {t: torch.randn(8, 3, image_size, image_size, generator=gen).to(device=device, dtype=dtype)
+                   for t in mm.tasks}
+        views["ours@top1@fast"] = mm.calibrate(support, RouterConfig.fast())
+    return views
 
 
 def _forced_for(mode: str, forced: Optional[torch.Tensor], n_tasks: int) -> Optional[torch.Tensor]:
@@ -321,7 +350,8 @@ def _mode_of(provider: str, mode: str) -> Optional[str]:
 
 
 def _print(r):
-    name = r["provider"] + (f"[{r['router_mode']}]" if r["provider"] == "ours" else "")
+    name = r["provider"] + (f"[{r['router_mode']}]" if r["provider"] == "ours" else "") + (
+        f"@{r['variant']}" if r.get("variant") else "")
     head = f"  {r['model']} T={r['n_tasks']:<2d} B={r['batch']:<3d} {r['mix']:6s} {name:12s}"
     if r["status"] != "ok" or "median_ms" not in r:
         print(f"{head} {r['status'].upper()}: {r['reason']}", flush=True)
@@ -353,6 +383,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="CPU: warm-up rounds")
     p.add_argument("--max-time", type=float, default=None, help="CPU: stop a row group after this many seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing-layers", nargs="+", type=int, default=None,
+                   help="also time the top-1 routed model routing at each of these blocks (0-based)")
+    p.add_argument("--reuse-prefix", action="store_true", help="with --routing-layers: each also with prefix reuse")
+    p.add_argument("--router-preset", default=None, choices=["fast"],
+                   help="also time RouterConfig.fast() (the early few-example router, calibrated on random images)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     add_malloc_argument(p)
     p.add_argument("--merge", action="store_true",

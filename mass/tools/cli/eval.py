@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JSON file {task: [class names in label order]} for data without usable class names")
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task (seeded subset)")
     p.add_argument("--methods", default=",".join(_methods()), help="comma list (default: all)")
-    p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended, energy, few-example")
+    p.add_argument("--routers", default="paper", help="comma list of paper, top1, recommended, energy, few-example, fast")
     p.add_argument("--support-per-task", type=int, default=None, metavar="N",
                    help="unlabelled images per task that calibrate routers needing them (few-example, --unknown; "
                         "default 32): drawn from --support-split, else from the evaluated data (after --limit) and "

@@ -56,16 +56,16 @@ def load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: b
     return sd
 
 
-ROUTER_PRESETS = ("paper", "recommended", "few-example")
+ROUTER_PRESETS = ("paper", "recommended", "few-example", "fast")
 
 
 def router_from_args(args):
     """The ``RouterConfig`` of ``mass merge``: the ``--router`` preset (the paper's router, ``recommended()``
-    or ``few_example()``), with every routing flag given on the command line overriding it."""
+    ``few_example()`` or ``fast()``), with every routing flag given on the command line overriding it."""
     from mass.method.router import RouterConfig
 
     base = {"paper": RouterConfig, "recommended": RouterConfig.recommended,
-            "few-example": RouterConfig.few_example}[args.router]
+            "few-example": RouterConfig.few_example, "fast": RouterConfig.fast}[args.router]
     flags = {"layer": args.layer, "mode": args.mode, "token": args.token, "features": args.features,
              "basis": args.basis, "whiten": args.whiten, "centre": args.centre}
     return base(**{k: v for k, v in flags.items() if v is not None}, unknown=args.unknown,
@@ -155,10 +155,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     merge.add_argument("--layer", type=int, default=None, help="routing block (default: 3/4 depth)")
     merge.add_argument("--router", default="paper", choices=ROUTER_PRESETS,
                        help="router preset: the paper's (data-free, topk), RouterConfig.recommended() (data-free, "
-                            "pretrained features, top-1) or RouterConfig.few_example() (needs --support); the "
+                            "pretrained features, top-1), RouterConfig.few_example() or RouterConfig.fast() (the early "
+                            "few-example router: a shorter first pass; both need --support); the "
                             "routing flags below override it")
     merge.add_argument("--mode", default=None, choices=["top1", "topk", "weighted"], help="default: the preset's")
-    merge.add_argument("--token", default=None, choices=["cls", "mean"], help="default: the preset's")
+    merge.add_argument("--token", default=None, choices=["cls", "mean", "patch_mean"], help="default: the preset's")
     merge.add_argument("--features", default=None, choices=["merged", "pretrained"],
                        help="routing features: the TSV-M model (paper) or θ0 (recommended by docs/router_study.md)")
     merge.add_argument("--solver", default="auto", choices=["auto", "full", "randomized"],

@@ -39,6 +39,7 @@ ROW_LABELS = {
     "mass[energy]": "MASS, recommended + per-task energy calibration (no data)",
     "mass[few-example]": "MASS, few-example router (32 unlabelled images per task)",
     "mass[few-example-last]": "MASS, few-example router at the last block (whitened, centred)",
+    "mass[fast]": "MASS, RouterConfig.fast() (few-example router at an early block: a short first pass)",
     "mass_oracle": "MASS, own task forced (routing oracle)",
 }
 
@@ -50,12 +51,14 @@ SUPPORT_PER_TASK = 32
 def demo_routers(layer: int, n_blocks: int) -> dict:
     """The routers the demo compares, reading the input of block ``layer``'s MLP (the paper's block), and the
     few-example router at the last block, whose centring and whitening a validation split (training images,
-    seeds 0-2; docs/router_study.md, section 9) chose: a longer first pass for fewer routing errors."""
+    seeds 0-2; docs/router_study.md, section 9) chose: a longer first pass for fewer routing errors; and
+    ``RouterConfig.fast()``, the early few-example router (section 10): a shorter first pass for more errors."""
     return {"paper": mass.RouterConfig(layer=layer), "top1": mass.RouterConfig(layer=layer, mode="top1"),
             "recommended": mass.RouterConfig.recommended(layer=layer),
             "energy": mass.RouterConfig.recommended(layer=layer, norm="energy"),
             "few-example": mass.RouterConfig.few_example(layer=layer),
-            "few-example-last": mass.RouterConfig.few_example(layer=n_blocks - 1, centre=True, whiten=0.5)}
+            "few-example-last": mass.RouterConfig.few_example(layer=n_blocks - 1, centre=True, whiten=0.5),
+            "fast": mass.RouterConfig.fast()}
 
 
 def regime(result: mass.EvalResult) -> dict:
