@@ -531,8 +531,11 @@ def summary_markdown(report: dict, stem: str) -> str:
             lat, ratio, peak = r["status"], "—", "—"
         paired = _paired(r) if "median_ms" in r else "—"
         note = r.get("reason") or ""
+        router = r.get("router_mode") or "—"
+        if r["provider"] in ("ours", "ours_graph") and r.get("routing_layer") is not None:
+            router += f", block {r['routing_layer']}" + (f" ({r['variant']})" if r.get("variant") else "")
         lines.append(f"| {r['model']} | {r['n_tasks']} | {r['batch']} | {r['mix']} | {r['provider']} | "
-                     f"{r.get('router_mode') or '—'} | {lat} | "
+                     f"{router} | {lat} | "
                      f"{ratio} | {paired} | {peak} | {_mib(r.get('resident_bytes'))} | "
                      f"{r['stored_vs_pretrained']:.3f} | {note} |")
     lines += ["", "Rows: plain = one pretrained forward; authors = full TSV-M pass, then per task group dense "
