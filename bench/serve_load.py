@@ -255,7 +255,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------- report
 def write_report(results: dict, out: Path) -> None:
     lines = ["# Serve load: MASS vs multiplexed fine-tuned models vs one pretrained model (Ray Serve)", "",
-             f"CPU: {results['cpu']} ({os.cpu_count()} cores, **shared** with other jobs: load average "
+             f"CPU: {results['cpu']} ({os.cpu_count()} cores; load average "
              f"{results['loadavg_at_start']} at the start). Commit {results['git_commit']}, {results['date']}. "
              f"One replica per app, {results['args']['threads']} torch threads, max batch "
              f"{results['args']['max_batch_size']}, batch wait {results['args']['batch_wait_ms']} ms, "
