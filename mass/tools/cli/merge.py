@@ -56,6 +56,29 @@ def load_finetuned(name: str, path: str, target_keys: list[str], allow_pickle: b
     return sd
 
 
+def preprocess_of_pretrained(source: str, pretrained):
+    """The image preprocessing of the pretrained model ``source`` (its ``preprocessor_config.json``, else CLIP's
+    at the encoder's image size)."""
+    from mass.evaluation.data import ClipPreprocess
+
+    return ClipPreprocess.from_pretrained(source, image_size=pretrained.config.image_size)
+
+
+def read_support(args, make_preprocess):
+    """``--support TASK=DIR ...`` as ``{task: images}`` (None without the flag), each folder read through the
+    preprocessing ``make_preprocess()`` builds (only when there are folders to read)."""
+    if not args.support:
+        return None
+    from mass.method.support import DEFAULT_IMAGES, read_support_dir
+
+    preprocess = make_preprocess()
+    try:
+        return {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
+                for t, d in parse_pairs(args.support, "--support").items()}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 ROUTER_PRESETS = ("paper", "recommended", "few-example", "fast")
 
 
@@ -91,7 +114,8 @@ def run(args) -> int:
         router = router_from_args(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    support_dirs = parse_pairs(args.support, "--support") if args.support else None
+    if args.support:
+        parse_pairs(args.support, "--support")  # a malformed list is refused before the model is loaded
     for name, path in finetuned.items():
         if not os.path.lexists(path) and not is_hub_id(path):
             raise UserError(f"checkpoint {name!r}: no such file {path}")
@@ -104,17 +128,7 @@ def run(args) -> int:
     if args.allow_pickle:
         keys = list(pretrained.state_dict().keys())
         finetuned = {n: load_finetuned(n, p, keys, True) for n, p in finetuned.items()}
-    support = None
-    if support_dirs is not None:
-        from mass.evaluation.data import ClipPreprocess
-        from mass.method.support import DEFAULT_IMAGES, read_support_dir
-
-        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
-        try:
-            support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
-                       for t, d in support_dirs.items()}
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+    support = read_support(args, lambda: preprocess_of_pretrained(args.pretrained, pretrained))
     keep_merged = "all" if args.unknown == "merged" else "prefix"
     try:
         model = merge(pretrained, finetuned, rank=rank, router=router, progress=not args.quiet, support=support,
@@ -200,7 +214,6 @@ def run_update(args) -> int:
     from mass.storage.saved_format import SavedModelError
     from mass.storage.serialization import read_saved
     from mass.evaluation.data import ClipPreprocess
-    from mass.method.support import DEFAULT_IMAGES, read_support_dir
 
     if args.finetuned or args.rank is not None:
         raise UserError("--from changes a saved model: use --add NAME=PATH (not --finetuned); its ranks follow the "
@@ -225,7 +238,7 @@ def run_update(args) -> int:
         except ValueError as exc:
             raise UserError(f"--from {args.from_dir}: {exc}; give --pretrained DIR_OR_ID (the encoder it was "
                             f"merged from)") from None
-        preprocess = ClipPreprocess.from_spec(model.preprocessing)
+        make_preprocess = lambda: ClipPreprocess.from_spec(model.preprocessing)  # noqa: E731
     else:
         pretrained = (load_vision(args.pretrained) if is_hub_id(args.pretrained)
                       else load_pretrained_hf(args.pretrained))
@@ -236,14 +249,8 @@ def run_update(args) -> int:
                             f"(its weights differ from the saved θ0, e.g. "
                             f"{(differ or sorted(set(weights) ^ set(dec.base)))[0]!r})")
         model = MASSModel.from_pretrained(args.from_dir, pretrained)
-        preprocess = ClipPreprocess.from_pretrained(args.pretrained, image_size=pretrained.config.image_size)
-    support = None
-    if args.support:
-        try:
-            support = {t: read_support_dir(d, preprocess, limit=args.support_images or DEFAULT_IMAGES)
-                       for t, d in parse_pairs(args.support, "--support").items()}
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        make_preprocess = lambda: preprocess_of_pretrained(args.pretrained, pretrained)  # noqa: E731
+    support = read_support(args, make_preprocess)
     if args.bank_dtype:
         model = model.with_bank_dtype(args.bank_dtype)
     if args.remove:
