@@ -80,3 +80,18 @@ def test_from_a_self_contained_directory_needs_no_pretrained(saved, images, caps
     capsys.readouterr()
     assert main(["merge", "--finetuned", f"task0={tmp / 'task0.safetensors'}", "--out", str(tmp / "m3")]) == 2
     assert "give --pretrained" in capsys.readouterr().err
+
+
+def test_from_with_support_folders_reads_them_through_the_saved_preprocessing(saved):
+    """--from DIR --support: a self-contained directory's own preprocessing reads the folders (no --pretrained);
+    the new model is calibrated on them."""
+    from PIL import Image
+
+    tmp, pretrained, finetuned, args = saved
+    (tmp / "sup" / "task1").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 40), (50 * i, 20, 90)).save(tmp / "sup" / "task1" / f"{i}.png")
+    assert main(["merge", "--from", str(tmp / "m"), "--remove", "task0", "--support",
+                 f"task1={tmp / 'sup' / 'task1'}", "--quiet", "--out", str(tmp / "m2")]) == 0
+    model = mass.MASSModel.from_pretrained(tmp / "m2")
+    assert model.tasks == ["task1"] and model.support is not None and model.support.n_images == 4
