@@ -26,7 +26,7 @@ from mass_kernels.reference import (
     whole_weight_segments_torch,
 )
 
-from mass.nn.passes import PassState
+from mass.nn.passes import PassState, host_sync_allowed
 
 def bank_layout(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The memory layout a (entries, a, b) factor bank is kept in, values unchanged. On the CPU each entry is
@@ -421,7 +421,7 @@ class MASSConv2d(_TaskModule):
                 return self._patch_forward(x, segments, row_weights)
         y = self._conv(x, self.weight, self.bias)
         entries, weights = p.entries, p.weights
-        if x.is_cuda:
+        if not host_sync_allowed(x):
             return y + self._grouped_delta(x)
         bank = p.banks(self)
         # CPU: one conv per bank entry over the samples that use it.

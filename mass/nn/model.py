@@ -574,8 +574,10 @@ def _install(model: nn.Module, arch: Architecture, layers: dict, banks: TaskBank
         undo.append(arch.pre_norm.register_forward_pre_hook(TokenDeltas(state, banks)).remove)
         if banks.proj is not None:
             root, original = arch.root, type(arch.root)
-            root.__dict__["_mass_proj"] = ProjSwitch(state, banks.proj)
+            switch = ProjSwitch(state, banks.proj)
+            root.__dict__["_mass_proj"] = switch
             undo.append(lambda: root.__dict__.pop("_mass_proj", None))
+            undo.append(root.register_forward_hook(switch).remove)
             root.__class__ = proj_class(original)
             undo.append(lambda: setattr(root, "__class__", original))
     except BaseException:

@@ -184,11 +184,16 @@ def forced_task_ids(task_ids, tasks: list[str], batch: int) -> torch.Tensor:
         raise TypeError(f"task_ids must be a task name, an index, a list or an integer tensor, got "
                         f"{type(task_ids).__name__}")
     bad = (ids < -1) | (ids >= T)
-    if bool(bad.any()):
-        raise ValueError(f"task_ids must lie in [-1, {T - 1}] (-1 = padding); got {ids[bad][:5].tolist()}")
     ordered = ids.sort(1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(repeated.any()):
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph the checks run on the device (reading the values back is a graph break): a
+        # bad id still fails the call, with the rule it broke, before any pass runs.
+        torch._assert_async(~bad.any(), f"task_ids must lie in [-1, {T - 1}] (-1 = padding)")
+        torch._assert_async(~repeated.any(), "a sample names a task twice in its set of task_ids")
+    elif bool(bad.any()):
+        raise ValueError(f"task_ids must lie in [-1, {T - 1}] (-1 = padding); got {ids[bad][:5].tolist()}")
+    elif bool(repeated.any()):
         row = int(repeated.any(1).nonzero()[0, 0])
         raise ValueError(f"sample {row} names a task twice in its set: {ids[row].tolist()}")
     if ids.shape[0] != batch:

@@ -3,14 +3,16 @@
 A forward of a :class:`~mass.nn.model.MASSModel` is one or two *passes* over the wrapped encoder. What a pass
 uses (θ0, the TSV-M weights or per-sample bank entries; which features the first pass reads; which block
 output the second pass replays) is a :class:`Pass`, created for that call and published through a
-``contextvars.ContextVar`` owned by the model's :class:`PassState`. Layers and hooks read the current pass
-from it, so two threads (or two asyncio tasks) running the same model each see their own pass, and nothing
-shared is mutated per call: the hooks and block gates below are installed once, when the model is wrapped.
+thread-local slot owned by the model's :class:`PassState`. Layers and hooks read the current pass from it,
+so two threads running the same model each see their own pass, and nothing shared is mutated per call: the
+hooks and block gates below are installed once, when the model is wrapped. (A forward never yields control
+mid-call, so asyncio tasks, which run one forward at a time on their thread, cannot see each other's pass
+either.) A thread-local is also what ``torch.compile`` can trace: Dynamo follows the slot's writes and reads
+inside one graph (a ``ContextVar`` is a graph break), so the routed forward compiles with ``fullgraph=True``.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +22,13 @@ import torch
 from torch import nn
 
 MODES = ("base", "merged", "tasks")
+
+
+def host_sync_allowed(x: torch.Tensor) -> bool:
+    """Whether a pass may read values back to the host to pick a faster path (group the rows of a CPU batch by
+    task). Never on CUDA (the routed forward stays capturable in a CUDA graph) and never under ``torch.compile``
+    (a data-dependent branch is a graph break): both take the gather paths, which read nothing back."""
+    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 @dataclass
@@ -50,8 +59,10 @@ class StopForward(Exception):
     swallows its own stop (never one raised for another call)."""
 
     def __init__(self, capture: FirstPassCapture):
-        super().__init__("first pass stopped after the routing block")
-        self.capture = capture
+        self.capture = capture  # (no super().__init__(message): Dynamo cannot trace that call; __str__ says it)
+
+    def __str__(self) -> str:
+        return "first pass stopped after the routing block"
 
 
 class Pass:
@@ -143,26 +154,29 @@ _BASE = Pass("base")
 
 class PassState:
     """The channel through which a model's layers see the current call's :class:`Pass`. One per wrapped model;
-    each call sets its own pass in its own context (threads and asyncio tasks never see each other's)."""
+    each call sets its own pass on its own thread (a ``threading.local`` slot) and puts back what was there
+    when it ends, so a nested call (a hook running another pass) and a failed call leave no trace."""
 
     def __init__(self):
-        self._current: contextvars.ContextVar = contextvars.ContextVar(f"mass_pass_{id(self):x}", default=_BASE)
+        self._local = threading.local()
 
     @property
     def current(self) -> Pass:
-        return self._current.get()
+        return getattr(self._local, "current", _BASE)
 
     @contextlib.contextmanager
     def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
             segments: Optional[list] = None, **extras):
         """Run the body with a new :class:`Pass` (``extras``: ``extension``, ``capture``, ``replay``)."""
-        token = self._current.set(Pass(mode, entries, weights, segments, **extras))
+        previous = getattr(self._local, "current", _BASE)
+        current = Pass(mode, entries, weights, segments, **extras)
+        self._local.current = current
         try:
-            yield self._current.get()
+            yield current
         finally:
-            self._current.reset(token)
+            self._local.current = previous
 
-    def __deepcopy__(self, memo):  # a copied model gets its own channel (a ContextVar cannot be copied)
+    def __deepcopy__(self, memo):  # a copied model gets its own channel (a thread-local cannot be copied)
         return PassState()
 
     def __getstate__(self):
@@ -243,28 +257,26 @@ class TokenDeltas:
         return (x + delta.to(x.dtype),) + tuple(args[1:])
 
 
-class _ProjApplier:
-    """What open_clip's ``self.proj`` reads as inside a MASS pass: ``pooled @ proj`` applies the task-conditioned
-    projection layer (which reads the current pass itself)."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __rmatmul__(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.layer(pooled)
-
-
 class ProjSwitch:
-    """Held by a wrapped open_clip root (its class is swapped once for a subclass whose ``proj`` attribute
-    consults the current pass): θ0's parameter in a base pass or outside MASS, the MASS layer otherwise."""
+    """The task-conditioned projection of a wrapped open_clip root, in two parts installed once. Its class is
+    swapped for a subclass whose ``proj`` attribute consults the current pass (:meth:`resolve`): θ0's parameter
+    in a base pass or outside MASS, ``None`` inside a MASS pass, so the root's own ``pooled @ self.proj`` is
+    skipped; and this object, as a forward hook on the root, then applies the MASS projection layer (which reads
+    the current pass itself) to the pooled output. (A stand-in object with ``__rmatmul__`` did the same in one
+    part, but ``torch.compile`` cannot trace a matmul with a non-tensor operand.)"""
 
     def __init__(self, state: PassState, layer):
         self.state, self.layer = state, layer
 
     def resolve(self, param):
-        return param if self.state.current.mode == "base" else _ProjApplier(self.layer)
+        return param if self.state.current.mode == "base" else None
+
+    def __call__(self, module, args, output):
+        if self.state.current.mode == "base":
+            return None
+        if isinstance(output, tuple):  # (pooled, tokens) with output_tokens=True: the tokens are not projected
+            return (self.layer(output[0]),) + output[1:]
+        return self.layer(output)
 
 
 _PROJ_CLASSES: dict = {}

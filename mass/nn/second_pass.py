@@ -8,6 +8,7 @@ import torch
 from mass_kernels.reference import group_rows
 
 from mass.method.router import Routing
+from mass.nn.passes import host_sync_allowed
 from mass.nn.samples import take_samples
 
 
@@ -34,7 +35,7 @@ def run_second_pass(model, inputs: tuple, kwargs: dict, routing: Routing, block_
     starts after the routing block from the first pass's activations."""
     entries, weights, generation = bank_entries(model, routing)
     order, segments = None, None
-    if not entries.is_cuda:
+    if host_sync_allowed(entries):
         # CPU fast path: each entry's samples become one slice (order None: already in entry order)
         order, segments = group_rows(entries)
     if order is not None:
