@@ -178,7 +178,7 @@ def forced_task_ids(task_ids, tasks: list[str], batch: int) -> torch.Tensor:
             if unknown:
                 raise ValueError(f"unknown task name(s) {unknown}; known tasks: {tasks}")
             rows.append([_index_of(v, tasks) for v in items])
-        width = max((len(r) for r in rows), default=1) or 1
+        width = max([1] + [len(r) for r in rows])  # (a list: Dynamo cannot trace max(genexpr, default=))
         ids = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
     else:
         raise TypeError(f"task_ids must be a task name, an index, a list or an integer tensor, got "

@@ -152,23 +152,32 @@ class Pass:
 _BASE = Pass("base")
 
 
+class _Slot(threading.local):
+    """One thread's current pass. Every thread's slot starts at the base pass (``__init__`` runs once per thread),
+    so what a compiled graph guards on (the slot holds the base pass when the call starts) is the same on every
+    thread and before and after any eager call: a compiled model is not recompiled per thread or per call."""
+
+    def __init__(self):
+        self.current = _BASE
+
+
 class PassState:
     """The channel through which a model's layers see the current call's :class:`Pass`. One per wrapped model;
     each call sets its own pass on its own thread (a ``threading.local`` slot) and puts back what was there
     when it ends, so a nested call (a hook running another pass) and a failed call leave no trace."""
 
     def __init__(self):
-        self._local = threading.local()
+        self._local = _Slot()
 
     @property
     def current(self) -> Pass:
-        return getattr(self._local, "current", _BASE)
+        return self._local.current
 
     @contextlib.contextmanager
     def use(self, mode: str, entries: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
             segments: Optional[list] = None, **extras):
         """Run the body with a new :class:`Pass` (``extras``: ``extension``, ``capture``, ``replay``)."""
-        previous = getattr(self._local, "current", _BASE)
+        previous = self._local.current
         current = Pass(mode, entries, weights, segments, **extras)
         self._local.current = current
         try:
