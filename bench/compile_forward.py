@@ -3,11 +3,12 @@ graph each (``fullgraph=True``); what does compiling them buy, next to compiling
 
     python bench/compile_forward.py                         # ViT-B/32, T = 8, batch 16, inductor, CPU
     python bench/compile_forward.py --model tiny --batch 4 --repeats 3 --out /tmp/x   # seconds (smoke)
+    python bench/compile_forward.py --device cuda --dtype bf16 --mode reduce-overhead  # GPU: CUDA graphs
 
 Built like ``mass bench``: an HF CLIP vision encoder from a config (random weights), a random rank-k
 decomposition of T tasks (:func:`mass.method.synthetic.random_decomposition`), ``MASSModel`` with the top-1
 router; ``torch.randn`` images. Rows, timed in interleaved rounds in one process (median [p20, p80] ms, ratio to
-the eager plain forward of the same rounds, and paired):
+the eager plain forward of the same rounds, and paired; on CUDA ``triton.testing.do_bench`` per row, no pairing):
 
 * ``plain`` / ``plain compiled``: the pretrained encoder, eager and ``torch.compile(fullgraph=True)``;
 * ``routed`` / ``routed compiled``: ``model(images)`` (first pass, router, second pass);
@@ -56,15 +57,22 @@ def _cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build(args):
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     plain, cfg = build_clip(args.model, seed=args.seed)
     dec = random_decomposition(plain, args.tasks, seed=args.seed)
-    model = MASSModel(build_clip(args.model, seed=args.seed)[0], dec, router=RouterConfig(mode="top1")).eval()
+    plain = plain.to(device=device, dtype=dtype)
+    wrapped = build_clip(args.model, seed=args.seed)[0].to(dtype=dtype)
+    model = MASSModel(wrapped, dec, router=RouterConfig(mode="top1")).eval().to(device)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+    x = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
     views = {"routed": model}
     if args.fast:
-        support = {t: torch.randn(8, 3, cfg.image_size, cfg.image_size, generator=gen) for t in model.tasks}
+        support = {t: torch.randn(8, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
+                   for t in model.tasks}
         views["fast"] = model.calibrate(support, RouterConfig.fast())
     return plain, model, views, x
 
@@ -77,24 +85,31 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs on a GPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--fast", action="store_true", help="also time RouterConfig.fast() (routed, early block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/cpu-compile-forward")
     args = p.parse_args(argv)
+    command = " ".join(["python bench/compile_forward.py", *(sys.argv[1:] if argv is None else argv)])
     if args.batch < 1 or args.tasks < 1 or args.repeats < 1:
         p.error("--batch, --tasks and --repeats must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
 
     plain, model, views, x = build(args)
-    forced = torch.arange(args.batch) % args.tasks
+    load_before = os.getloadavg()
+    forced = (torch.arange(args.batch) % args.tasks).to(x.device)
     eager = {"plain": lambda: extract_embedding(plain(pixel_values=x)),
              "forced": lambda: extract_embedding(model(pixel_values=x, task_ids=forced))}
     for name, view in views.items():
         eager[name] = lambda view=view: extract_embedding(view(pixel_values=x))
 
-    compiled_modules = {"plain": torch.compile(plain, fullgraph=True, backend=args.backend),
-                        "forced": torch.compile(model, fullgraph=True, backend=args.backend)}
-    compiled_modules.update({name: torch.compile(view, fullgraph=True, backend=args.backend)
-                             for name, view in views.items()})
+    options = dict(fullgraph=True, backend=args.backend, mode=args.mode)
+    compiled_modules = {"plain": torch.compile(plain, **options), "forced": torch.compile(model, **options)}
+    compiled_modules.update({name: torch.compile(view, **options) for name, view in views.items()})
     compiled, checks = {}, {}
     with torch.inference_mode():
         for name, module in compiled_modules.items():
@@ -106,9 +121,9 @@ def main(argv=None) -> dict:
             else:
                 out, routing = module(pixel_values=x, return_routing=True)
                 want = views[name](pixel_values=x, task_ids=routing.task_ids)
-            compile_s = time.perf_counter() - t0
             got, ref = extract_embedding(out), extract_embedding(want)
-            rel = float((got - ref).abs().max() / ref.abs().max())
+            rel = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())  # (a host sync)
+            compile_s = time.perf_counter() - t0
             checks[name] = {"compile_s": compile_s, "max_rel_diff_vs_eager": rel}
             print(f"{name:>8} compiled in {compile_s:.1f}s; max |compiled - eager| / max|eager| = {rel:.2e}",
                   flush=True)
@@ -124,14 +139,14 @@ def main(argv=None) -> dict:
         fns[name] = eager[name]
         fns[name + " compiled"] = compiled[name + " compiled"]
     with torch.inference_mode():
-        timings = time_providers(fns, torch.device("cpu"), repeats=args.repeats, warmup=args.warmup)
+        timings = time_providers(fns, x.device, repeats=args.repeats, warmup=args.warmup)
     floor = timings["plain"]
     rows = []
     for name, t in timings.items():
         row = {"row": name, "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
                "ratio_to_plain": t["median_ms"] / floor["median_ms"],
-               "paired_ratio_to_plain": paired_ratio(t["samples_ms"], floor["samples_ms"]),
-               "samples_ms": t["samples_ms"]}
+               "paired_ratio_to_plain": paired_ratio(t.get("samples_ms"), floor.get("samples_ms", [])),
+               "samples_ms": t.get("samples_ms")}
         base = name.replace(" compiled", "")
         if name.endswith(" compiled"):
             row.update(checks[base])
@@ -141,8 +156,9 @@ def main(argv=None) -> dict:
         "what": "torch.compile(fullgraph=True) of a MASSModel (top-1 routed / forced) against eager",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-        "load_average_before": os.getloadavg(), "torch": torch.__version__, "python": sys.version.split()[0],
-        "config": vars(args), "rows": rows,
+        "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
+        "load_average_before": load_before, "torch": torch.__version__, "python": sys.version.split()[0],
+        "config": vars(args), "command": command, "rows": rows,
     }
     report["load_average_after"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -156,20 +172,21 @@ def main(argv=None) -> dict:
 
 def markdown(report: dict) -> str:
     c = report["config"]
-    lines = [f"# torch.compile of the routed model: {c['model']}, T = {c['tasks']}, batch {c['batch']}, "
-             f"backend {c['backend']}", "",
+    lines = [f"# torch.compile of the routed model: {c['model']}, T = {c['tasks']}, batch {c['batch']}, {c['dtype']}, "
+             f"backend {c['backend']}, mode {c['mode'] or 'default'}, device {report['device']}", "",
              f"{report['date']}, commit {report['commit']}, {report['cpu']}, {report['threads']} threads, torch "
              f"{report['torch']}; load average before {report['load_average_before'][0]:.2f}, after "
-             f"{report['load_average_after'][0]:.2f}. Command: `python bench/compile_forward.py"
-             f"{' --fast' if c['fast'] else ''}` (interleaved rounds, {c['repeats']} timed after {c['warmup']} "
-             f"warm-up).", "",
+             f"{report['load_average_after'][0]:.2f}. Command: `{report['command']}` ("
+             + ("triton.testing.do_bench per row" if report["device"] != "cpu" else
+                f"interleaved rounds, {c['repeats']} timed after {c['warmup']} warm-up") + ").", "",
              "| row | median ms [p20, p80] | × eager plain (paired) | compiled / eager speed-up | compile s | "
              "max rel diff vs eager |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         paired = r["paired_ratio_to_plain"]
+        paired = f"{paired['median']:.3f}" if paired else "–"
         lines.append(
-            f"| {r['row']} | {r['median_ms']:.1f} [{r['p20_ms']:.1f}, {r['p80_ms']:.1f}] | {r['ratio_to_plain']:.3f} "
-            f"({paired['median']:.3f}) | {r.get('speedup_vs_eager', float('nan')):.3f} | "
+            f"| {r['row']} | {r['median_ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}] | {r['ratio_to_plain']:.3f} "
+            f"({paired}) | {r.get('speedup_vs_eager', float('nan')):.3f} | "
             f"{r.get('compile_s', float('nan')):.1f} | {r.get('max_rel_diff_vs_eager', float('nan')):.1e} |"
             .replace("nan", "–"))
     return "\n".join(lines) + "\n"

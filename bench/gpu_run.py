@@ -14,6 +14,9 @@ hang in one cannot eat the lease; a stage that fails or times out is recorded an
               every provider but ``torch.compile`` (its compile time does not fit); routing at batch 64/128.
 * ``e2e``     ``mass bench``: ViT-B/16 bf16, batch 64, T = 8, mixed batch: one plain forward, MASS top-1 and
               topk, and MASS top-1 with the second pass in a CUDA graph.
+* ``compile`` ``bench/compile_forward.py``: ViT-B/16 bf16, batch 64, T = 8: the plain model and the top-1 routed
+              and forced MASS forwards, eager and ``torch.compile(fullgraph=True, mode="reduce-overhead")``
+              (inductor with CUDA graphs: the whole routed forward, first pass and router included, replayed).
 
 Writes ``gpu-run.json`` (every stage's status, time, log and parsed figures), ``gpu-run.md`` (the targets:
 ``lowrank_linear`` top-1 ≤ 1.2× ``F.linear`` and ≥ 3× faster than the eager loop; routing ≤ 2% of a forward;
@@ -38,9 +41,10 @@ sys.path.insert(0, ROOT)
 
 TOTAL_BUDGET_S = 450.0  # 7.5 minutes for the stages; the report takes seconds
 REPORT_RESERVE_S = 10.0
-BUDGETS_S = {"static": 300.0, "tests": 100.0, "micro_t8": 150.0, "e2e": 120.0, "micro_t20": 90.0}
-DRY_BUDGETS_S = {"static": 120.0, "tests": 120.0, "micro_t8": 90.0, "e2e": 120.0, "micro_t20": 90.0}
-SEQUENTIAL = ("tests", "micro_t8", "e2e", "micro_t20")  # in order of importance; static runs beside them
+BUDGETS_S = {"static": 300.0, "tests": 100.0, "micro_t8": 150.0, "e2e": 120.0, "compile": 150.0, "micro_t20": 90.0}
+DRY_BUDGETS_S = {"static": 120.0, "tests": 120.0, "micro_t8": 90.0, "e2e": 120.0, "compile": 120.0,
+                 "micro_t20": 90.0}
+SEQUENTIAL = ("tests", "micro_t8", "e2e", "compile", "micro_t20")  # by importance; static runs beside them
 TARGETS = {"lowrank_vs_linear": 1.2, "lowrank_speedup_vs_loop": 3.0, "routing_share": 0.02, "routed_vs_plain": 1.9}
 TINY_MICRO_MODEL = (32, 64, 5)  # hidden, MLP, tokens: the dry run's shapes
 
@@ -70,6 +74,14 @@ def e2e_argv(out: str, dry_run: bool) -> list[str]:
     return ["--models", "B16", "--tasks", "8", "--batches", "64", "--dtype", "bf16", "--device", "cuda"] + common
 
 
+def compile_argv(out: str, dry_run: bool) -> list[str]:
+    target = ["--out", os.path.join(out, "compile-forward")]
+    if dry_run:  # aot_eager: the whole graph capture without inductor's C++ build (minutes on a small CPU)
+        return ["--model", "tiny", "--batch", "2", "--repeats", "2", "--warmup", "0", "--backend", "aot_eager"] + target
+    return ["--model", "B16", "--batch", "64", "--dtype", "bf16", "--device", "cuda", "--mode", "reduce-overhead",
+            "--repeats", "20"] + target
+
+
 def stage_plan(out: str, dry_run: bool, python: str = sys.executable) -> dict:
     """name -> (argv, extra environment, output folder). The dry run differs only in shapes, device and the
     interpreter switch; the commands, folders and parsers are the same."""
@@ -89,6 +101,8 @@ def stage_plan(out: str, dry_run: bool, python: str = sys.executable) -> dict:
                 + micro_argv(T, folder, dry_run))
         plan[f"micro_t{T}"] = (argv, interp, f"micro_t{T}")
     plan["e2e"] = ([python, "-m", "mass.tools.bench.e2e"] + e2e_argv(os.path.join(out, "e2e"), dry_run), interp, "e2e")
+    plan["compile"] = ([python, os.path.join(ROOT, "bench", "compile_forward.py")]
+                       + compile_argv(os.path.join(out, "compile"), dry_run), interp, "compile")
     return plan
 
 
@@ -277,6 +291,13 @@ def markdown(report: dict) -> str:
         for c in cases:
             lines.append(f"| {c['layer']} | {c['n_tasks']} | {c['topk']} | {c['mix']} | {c['ours_ms']:.4f} | "
                          f"{c['linear_ms']:.4f} | {c['ratio_to_linear']:.3f} | {_fmt(c['speedup_vs_loop'], '.2f')} |")
+    compiled = report.get("compile") or []
+    if compiled:
+        lines += ["", "## torch.compile (fullgraph) against eager", "",
+                  "| row | median ms | × eager plain | compiled / eager speed-up | compile s |", "|---|---|---|---|---|"]
+        for r in compiled:
+            lines.append(f"| {r['row']} | {r['median_ms']:.3f} | {r['ratio_to_plain']:.3f} | "
+                         f"{_fmt(r.get('speedup_vs_eager'))} | {_fmt(r.get('compile_s'), '.1f')} |")
     static = report.get("static") or []
     lines += ["", "## Static check (sm_90, 16-bit; compiled ahead of time)", ""]
     if static:
@@ -378,6 +399,7 @@ def run(out: str, dry_run: bool, total_budget_s: float = TOTAL_BUDGET_S, stages=
     report["targets"] = evaluate_targets(micro, e2e)
     report["lowrank_cases"] = lowrank_cases(micro)
     report["static"] = static_summary(load_fresh_json(os.path.join(out, "static"), t_start))
+    report["compile"] = (load_fresh_json(os.path.join(out, "compile"), t_start) or {}).get("rows", [])
     report["wall_s"] = time.perf_counter() - clock0
     with open(os.path.join(out, "gpu-run.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -10,7 +10,7 @@ import torch
 
 from .candidates import LOWRANK_CANDIDATES, clear_choices, lowrank_choices
 from .cpu import lowrank_linear_torch, routing_residuals_torch
-from .ops import lowrank_linear_op, routing_residuals_op, select_impl
+from .ops import dense_delta_linear_op, lowrank_linear_op, routing_residuals_op, select_impl
 from .padding import pad_rank
 
 
@@ -25,6 +25,7 @@ def warmup(*args, **kwargs) -> int:
 __all__ = [
     "routing_residuals",
     "lowrank_linear",
+    "dense_delta_linear",
     "routing_residuals_torch",
     "lowrank_linear_torch",
     "select_impl",
@@ -71,3 +72,19 @@ def lowrank_linear(
     :func:`warmup` for the shape serves the call (``MASS_LOWRANK_IMPL=fused|vendor`` overrides).
     """
     return lowrank_linear_op(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias)
+
+
+def dense_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    deltas: torch.Tensor,
+    row_entries: torch.Tensor,
+    row_weights: torch.Tensor,
+    task_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + b + w_r (x Δ_{e_r}ᵀ + task_bias_{e_r})`` for each row r of x (N, in): one entry e_r per row
+    (-1 = none) into whole weight deltas (E, out, in), with weight w_r. PyTorch on every device (rows grouped by
+    entry inside the op); the patch embedding uses it on the CPU under ``torch.compile``. One custom op,
+    ``torch.ops.mass.dense_delta_linear``."""
+    return dense_delta_linear_op(x, weight, bias, deltas, row_entries, row_weights, task_bias)

@@ -337,3 +337,17 @@ def whole_weight_segments_torch(
             ys.copy_(b.unsqueeze(1).expand(m, n, -1)).baddbmm_(xs, weights[sel].transpose(1, 2))
     return y
 
+
+
+def dense_delta_linear_torch(x, weight, bias, deltas, row_entries, row_weights, task_bias=None) -> torch.Tensor:
+    """``x Wᵀ + b + w_r (x Δ_{e_r}ᵀ + task_bias_{e_r})`` per row r, one entry per row (-1 = none), for whole weight
+    deltas ``(E, out, in)`` (the patch embedding's): rows grouped by entry (one host sync, free on the CPU; the
+    op is opaque to ``torch.compile``), each group one GEMM of :func:`dense_delta_segments_torch`, the rows put
+    back in order. Row weights of 1 are not applied."""
+    order, segments = group_rows(row_entries.view(-1, 1))
+    weights = None if bool((row_weights == 1).all()) else row_weights.view(-1, 1)
+    if order is None:
+        return dense_delta_segments_torch(x, weight, bias, deltas, segments, weights, task_bias)
+    weights = None if weights is None else weights.index_select(0, order)
+    y_sorted = dense_delta_segments_torch(x.index_select(0, order), weight, bias, deltas, segments, weights, task_bias)
+    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)

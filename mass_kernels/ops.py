@@ -14,7 +14,7 @@ import torch
 from . import candidates
 from ._triton_utils import interpreting
 from ._checks import check_lowrank_args, check_routing_args
-from .cpu import lowrank_linear_grouped_torch, lowrank_linear_torch, routing_residuals_torch
+from .cpu import dense_delta_linear_torch, lowrank_linear_grouped_torch, lowrank_linear_torch, routing_residuals_torch
 
 _IMPLS = ("torch", "triton")
 
@@ -74,4 +74,45 @@ def lowrank_linear_op(
 @lowrank_linear_op.register_fake
 def _lowrank_linear_fake(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias):
     check_lowrank_args(x, weight, bias, U, S, V, row_tasks, row_weights, task_bias, values=False)
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _check_dense_delta_args(x, weight, bias, deltas, row_entries, row_weights, task_bias) -> None:
+    N, D = x.shape if x.dim() == 2 else (None, None)
+    E = deltas.shape[0] if deltas.dim() == 3 else None
+    problems = []
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != D:
+        problems.append(f"x {tuple(x.shape)} must be (N, in) and weight {tuple(weight.shape)} (out, in)")
+    elif deltas.dim() != 3 or tuple(deltas.shape[1:]) != tuple(weight.shape):
+        problems.append(f"deltas {tuple(deltas.shape)} must be (entries, {weight.shape[0]}, {D})")
+    if row_entries.shape != (N,) or row_entries.dtype != torch.long or row_weights.shape != (N,):
+        problems.append(f"row_entries {tuple(row_entries.shape)} {row_entries.dtype} and row_weights "
+                        f"{tuple(row_weights.shape)} must be ({N},), the entries int64")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        problems.append(f"bias {tuple(bias.shape)} must be ({weight.shape[0]},)")
+    if task_bias is not None and tuple(task_bias.shape) != (E, weight.shape[0]):
+        problems.append(f"task_bias {tuple(task_bias.shape)} must be ({E}, {weight.shape[0]})")
+    if problems:
+        raise ValueError("dense_delta_linear: " + "; ".join(problems))
+
+
+@torch.library.custom_op("mass::dense_delta_linear", mutates_args=())
+def dense_delta_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    deltas: torch.Tensor,
+    row_entries: torch.Tensor,
+    row_weights: torch.Tensor,
+    task_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """One entry per row with whole weight deltas: the CPU path of a task-conditioned patch embedding under
+    ``torch.compile``, where the rows cannot be grouped in the traced code (a host sync) but can inside an op."""
+    _check_dense_delta_args(x, weight, bias, deltas, row_entries, row_weights, task_bias)
+    return dense_delta_linear_torch(x, weight, bias, deltas, row_entries, row_weights, task_bias)
+
+
+@dense_delta_linear_op.register_fake
+def _dense_delta_linear_fake(x, weight, bias, deltas, row_entries, row_weights, task_bias):
+    _check_dense_delta_args(x, weight, bias, deltas, row_entries, row_weights, task_bias)
     return x.new_empty(x.shape[0], weight.shape[0])

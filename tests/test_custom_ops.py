@@ -133,3 +133,65 @@ def test_routing_op_on_the_triton_path(triton_path):
 
     bound = routing_error_bound(x, V, "fused", **kernel_roundoff(x.dtype))
     assert bool(((got.double() - routing_residuals_exact(x, V)).abs() <= bound).all())
+
+
+# ---------------------------------------------------------------------------------------------- dense_delta_linear
+U32, HALF_U = 2.0 ** -24, {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.mark.parametrize("N,d_in,E", [(1, 100, 1), (7, 100, 3), (38, 51, 20), (5, 12, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("task_bias", [False, True])
+def test_dense_delta_linear_matches_the_exact_rows(N, d_in, E, dtype, task_bias):
+    """Against fp64 per row: x (W + Δ_e)ᵀ + b + w (tb_e), e = -1 rows get the base only; odd shapes, one row,
+    entries that no row uses. Bound: two products of n = d_in terms accumulated in at least fp32 (γ_n·u32 each,
+    over |x|(|W| + |Δ|)), each rounded once to the dtype and added and scaled (3 roundings of u_h), and the
+    biases: (γ_{n+2}(u32) + 4·u_h)·(|x|(|W| + |Δ|) + |b| + |tb|)."""
+    gen = torch.Generator().manual_seed(N * 131 + E)
+    d_out = 24
+    x, W, b = (torch.randn(N, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
+               torch.randn(d_out, generator=gen))
+    deltas = 0.1 * torch.randn(E, d_out, d_in, generator=gen)
+    tb = 0.1 * torch.randn(E, d_out, generator=gen) if task_bias else None
+    entries = torch.randint(-1, E, (N,), generator=gen)
+    weights = torch.where(torch.rand(N, generator=gen) < 0.5, torch.ones(N), torch.rand(N, generator=gen))
+    cast = [t.to(dtype) if t is not None else None for t in (x, W, b, deltas, tb)]
+    got = mass_kernels.dense_delta_linear(cast[0], cast[1], cast[2], cast[3], entries, weights.to(dtype), cast[4])
+    assert got.shape == (N, d_out) and got.dtype == dtype
+    xd, Wd, bd, Dd = (t.to(dtype).double() for t in (x, W, b, deltas))
+    tbd = None if tb is None else tb.to(dtype).double()
+    wd = weights.to(dtype).double()
+    want, scale = torch.empty(N, d_out, dtype=torch.float64), torch.empty(N, d_out, dtype=torch.float64)
+    for r in range(N):
+        e = int(entries[r])
+        delta = Dd[e] if e >= 0 else torch.zeros_like(Wd)
+        extra = (tbd[e] if (tbd is not None and e >= 0) else torch.zeros(d_out, dtype=torch.float64))
+        want[r] = xd[r] @ Wd.T + bd + wd[r] * (xd[r] @ delta.T + extra)
+        scale[r] = xd[r].abs() @ (Wd.abs() + delta.abs()).T + bd.abs() + extra.abs()
+    n = d_in + 2
+    bound = (n * U32 / (1 - n * U32) + 4 * HALF_U[dtype]) * scale
+    err = (got.double() - want).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+def test_dense_delta_linear_is_one_node_under_compile_and_checks_its_arguments():
+    gen = torch.Generator().manual_seed(3)
+    x, W, D = torch.randn(6, 10, generator=gen), torch.randn(4, 10, generator=gen), torch.randn(3, 4, 10, generator=gen)
+    entries, weights = torch.tensor([0, 2, -1, 1, 0, 2]), torch.ones(6)
+    nodes = []
+
+    def backend(gm, example_inputs):
+        nodes.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = lambda *a: mass_kernels.dense_delta_linear(*a)  # noqa: E731
+    got = torch.compile(fn, fullgraph=True, backend=backend)(x, W, None, D, entries, weights)
+    assert nodes.count(torch.ops.mass.dense_delta_linear.default) == 1
+    assert torch.equal(got, fn(x, W, None, D, entries, weights))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, W, None, D, entries, weights), got)
+    with pytest.raises(ValueError, match=r"deltas \(3, 4, 9\) must be \(entries, 4, 10\)"):
+        mass_kernels.dense_delta_linear(x, W, None, D[..., :9], entries, weights)
+    with pytest.raises(ValueError, match="row_entries"):
+        mass_kernels.dense_delta_linear(x, W, None, D, entries[:5], weights)

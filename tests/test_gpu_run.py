@@ -46,6 +46,9 @@ def test_dry_run_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert values["routed_ours_top1"] is not None and values["routed_ours_topk"] is not None
     assert values["routed_ours_graph_top1"] is None  # no CUDA graph on a CPU: not measured, not made up
     assert {c["n_tasks"] for c in report["lowrank_cases"]} == {8, 20}
+    compiled = {r["row"]: r for r in report["compile"]}  # the compile stage's rows, read from its file
+    assert {"plain", "plain compiled", "routed", "routed compiled", "forced", "forced compiled"} <= set(compiled)
+    assert all(compiled[f"{n} compiled"]["max_rel_diff_vs_eager"] < 1e-5 for n in ("plain", "routed", "forced"))
     md = (tmp_path / "gpu-run.md").read_text()
     assert md.startswith("# Device run — DRY RUN") and "not measured" in md
     with open(tmp_path / "gpu-run.png", "rb") as f:
@@ -55,7 +58,7 @@ def test_dry_run_runs_every_stage_and_reports_what_it_measured(tmp_path):
                                                           "gpu-run.png"]
     with tarfile.open(tmp_path / "gpu-run-stages.tar.gz") as tar:
         names = set(tar.getnames())
-    for folder in ("tests", "micro_t8", "micro_t20", "e2e"):
+    for folder in ("tests", "micro_t8", "micro_t20", "e2e", "compile"):
         assert f"{folder}/log.txt" in names
 
 
@@ -67,6 +70,9 @@ def test_the_device_plan_uses_the_targets_shapes(tmp_path):
     e2e = plan["e2e"][0]
     assert e2e[e2e.index("--models") + 1] == "B16" and e2e[e2e.index("--tasks") + 1] == "8"
     assert "ours_graph" in e2e and e2e[e2e.index("--dtype") + 1] == "bf16"
+    compiled = plan["compile"][0]
+    assert compiled[compiled.index("--model") + 1] == "B16" and compiled[compiled.index("--device") + 1] == "cuda"
+    assert compiled[compiled.index("--mode") + 1] == "reduce-overhead"  # CUDA graphs of the whole routed forward
     assert all(extra.get("TRITON_INTERPRET", "absent") is None for _, extra, _ in plan.values())
     dry = gpu_run.stage_plan(str(tmp_path), dry_run=True, python="python")
     assert set(dry) == set(plan)  # the same stages, only shapes and the interpreter switch differ

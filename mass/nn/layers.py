@@ -419,6 +419,8 @@ class MASSConv2d(_TaskModule):
             if segments is not None:
                 row_weights = p.segment_row_weights(lead, 0)
                 return self._patch_forward(x, segments, row_weights)
+            if p.entries.shape[1] == 1:  # no segments (torch.compile): the op groups the patches by entry
+                return self._patch_entries(x, p)
         y = self._conv(x, self.weight, self.bias)
         entries, weights = p.entries, p.weights
         if not host_sync_allowed(x):
@@ -434,6 +436,20 @@ class MASSConv2d(_TaskModule):
             delta = self._conv(x.index_select(0, rows), bank.task_weight[e], b)
             y = y.index_add(0, rows, delta * coef.index_select(0, rows).to(y.dtype).view(-1, 1, 1, 1))
         return y
+
+    def _patch_entries(self, x: torch.Tensor, p) -> torch.Tensor:
+        """The patch GEMM with each sample's one entry, through ``mass_kernels.dense_delta_linear`` (CPU, no
+        segments: under ``torch.compile``, where grouping in traced code would be a host sync)."""
+        patches, grid = self._patches(x)
+        bank = p.banks(self)
+        entries, weights = p.rows(grid, 0)
+        E = bank.task_weight.shape[0]
+        y = mass_kernels.dense_delta_linear(
+            patches, self.weight.reshape(self.out_channels, -1), self.bias,
+            bank.task_weight.reshape(E, self.out_channels, -1), entries[:, 0], weights[:, 0].to(patches.dtype),
+            bank.task_bias,
+        )
+        return self._unpatch(y, grid)
 
     def _unread_output(self, x: torch.Tensor) -> torch.Tensor:
         """Zeros of the convolution's output shape, not computed: a second pass that reuses the prefix replays
@@ -453,11 +469,19 @@ class MASSConv2d(_TaskModule):
         B = x.shape[0]
         p = self.state.current
         bank = p.banks(self)
-        w = p.sample_delta(bank.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
-        b = None if bank.task_bias is None else p.sample_delta(bank.task_bias).to(x.dtype).reshape(-1)
+        one_slot = p.entries.shape[1] == 1
+        if one_slot:  # top-1: gather each sample's delta as stored and scale the (smaller) conv output instead
+            entry = p.entries[:, 0].clamp_min(0)
+            scale = (p.weights[:, 0] * (p.entries[:, 0] >= 0)).to(x.dtype).view(B, 1, 1, 1)
+            w = bank.task_weight.index_select(0, entry).to(x.dtype)
+            b = None if bank.task_bias is None else bank.task_bias.index_select(0, entry).to(x.dtype).reshape(-1)
+        else:
+            w = p.sample_delta(bank.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
+            b = None if bank.task_bias is None else p.sample_delta(bank.task_bias).to(x.dtype).reshape(-1)
         out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), b, self.stride, self.padding,
                        self.dilation, self.groups * B)
-        return out.view(B, -1, *out.shape[2:])
+        out = out.view(B, -1, *out.shape[2:])
+        return out * scale if one_slot else out
 
 
 class MASSMultiheadAttention(_TaskModule):

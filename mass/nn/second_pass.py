@@ -38,6 +38,10 @@ def run_second_pass(model, inputs: tuple, kwargs: dict, routing: Routing, block_
     if host_sync_allowed(entries):
         # CPU fast path: each entry's samples become one slice (order None: already in entry order)
         order, segments = group_rows(entries)
+    elif not entries.is_cuda and entries.shape[0] > 1:
+        # CPU under torch.compile: no host sync, so no segments, but the batch is still sorted by entry (a
+        # traced argsort): each layer's op then finds its rows already in order and permutes nothing.
+        order = torch.argsort(entries[:, 0], stable=True)
     if order is not None:
         B = entries.shape[0]
         inputs, kwargs = take_samples(inputs, order, B), take_samples(kwargs, order, B)
