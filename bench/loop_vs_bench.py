@@ -22,6 +22,12 @@ procedure of ``mass bench --mix user``): plain, top1, topk, plain, each one warm
 interleaved rounds is measured on the same objects. Rounds and procedure run ``--repeat`` times (the spread
 from run to run). The allocator setting is process-wide: run once per ``--malloc`` value.
 
+Caveat (found with these rows): rotation keeps neighbours, so ``plain@inference`` runs right after
+``plain@no_grad`` in all but one of every 12 rounds, with the plain weights still partly in the CPU caches,
+while ``plain@no_grad`` runs after a routed row. The ``no_grad -> inference_mode`` row difference therefore
+mixes grad mode with that warmth; ``bench/warm_cache_ab.py`` fixes each call's predecessor and separates the
+two.
+
     PYTHONPATH=. python bench/loop_vs_bench.py --out bench/results/cpu-2core-loop-vs-bench-1.json
     PYTHONPATH=. python bench/loop_vs_bench.py --summarize bench/results/cpu-2core-loop-vs-bench-*.json \
         --out bench/results/cpu-2core-loop-vs-bench.md
@@ -230,6 +236,9 @@ def summary_markdown(reports: list) -> str:
                      - run["rows"][f"{mode}:{a}"]["paired_ratio_to_plain"]["median"] for _, run in runs]
             cells.append(f"{statistics.mean(d):+.3f} ({min(d):+.3f} to {max(d):+.3f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Caveat: in the rotated order plain@inference runs right after plain@no_grad in most rounds (warm "
+              "CPU caches), so the no_grad -> inference_mode row mixes grad mode with that warmth, and the blocks "
+              "row compares two warm floors; bench/warm_cache_ab.py separates them (the module docstring)."]
     return "\n".join(lines) + "\n"
 
 

@@ -118,7 +118,8 @@ def _load_bench_script(name: str):
 
 
 def test_user_loop_script_and_ab_rows_tiny(tmp_path, monkeypatch):
-    """bench/user_loop.py and bench/loop_vs_bench.py run end to end on a tiny model (structure, not timings)."""
+    """bench/user_loop.py, bench/loop_vs_bench.py and bench/warm_cache_ab.py run end to end on a tiny model
+    (structure, not timings)."""
     user_loop = _load_bench_script("user_loop")
     out = user_loop.main(["--model", "tiny", "--tasks", "2", "--batch", "3", "--calls", "1"])
     assert out["top1_ratio"] > 0 and out["topk_ratio"] > 0
@@ -132,6 +133,11 @@ def test_user_loop_script_and_ab_rows_tiny(tmp_path, monkeypatch):
             assert len(r["samples_ms"]) == 2 and r["paired_ratio_to_plain"]["median"] > 0
     assert set(report["runs"][0]["user_procedure"][0]["ratio"]) == {"top1", "topk"}
     assert (tmp_path / "ab.json").exists()
+    warm = _load_bench_script("warm_cache_ab").main(["--model", "tiny", "--tasks", "2", "--batch", "3", "--rounds",
+                                                     "2", "--repeat", "1", "--malloc", "default"])
+    run = warm["runs"][0]
+    assert all(len(s) == 2 for s in run["samples_ms"].values()) and set(run["paired_ratios"]) == set(
+        _load_bench_script("warm_cache_ab").RATIOS)
 
 
 def _load_microbench():
