@@ -65,6 +65,81 @@ def test_e2e_bench_tiny(tmp_path):
     assert any(n.endswith("-summary.md") for n in names)
 
 
+def test_e2e_bench_user_mix(tmp_path):
+    """`--mix user`: plain and one ours row per router mode, each timed in its own block under inference mode,
+    routed by the model itself, beside the mixed rows; well-formed in the JSON and the summary."""
+    report = bench.run_bench(["--models", "tiny", "--tasks", "2", "--batches", "3", "--mix", "mixed", "user",
+                              "--repeats", "2", "--warmup", "1", "--threads", "1", "--malloc", "default",
+                              "--out", str(tmp_path)])
+    rows = report["results"]
+    assert {r["mix"] for r in rows} == {"mixed", "user"}
+    user = [r for r in rows if r["mix"] == "user"]
+    assert sorted((r["provider"], r["router_mode"] or "") for r in user) == [("ours", "top1"), ("ours", "topk"),
+                                                                             ("plain", "")]
+    plain = next(r for r in user if r["provider"] == "plain")
+    assert plain["ratio_to_plain"] == 1.0 and plain["n"] == 4 and len(plain["samples_ms"]) == 4  # before + after
+    floor = (plain["plain_before_ms"] + plain["plain_after_ms"]) / 2
+    for r in user:
+        assert r["status"] == "ok", r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["paired_ratio_to_plain"] is None
+        assert r["memory"]["peak_above_start_bytes"] >= 0 and r["stored_vs_pretrained"] >= 1.0
+        if r["provider"] == "ours":
+            assert r["n"] == 2 and r["ratio_to_plain"] == pytest.approx(r["median_ms"] / floor, rel=1e-12)
+            assert sum(r["task_sets"].values()) == 3 and r["task_groups"] == len(r["task_sets"])
+            assert r["reason"].startswith("routed by the model: ") and r["routing_layer"] is not None
+    text = next((tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.endswith("-summary.md"))
+    assert "Mix `user`" in text and text.count("| user |") == 3
+
+
+def test_user_loop_timing_order_and_grad_mode():
+    """The user's procedure: plain block, each routed block, plain block; every call under inference mode."""
+    from mass.tools.bench.user_timing import task_sets, time_user_loop
+
+    log = []
+
+    def recorder(name):
+        return lambda: log.append((name, torch.is_inference_mode_enabled()))
+
+    out = time_user_loop(recorder("plain"), {"a": recorder("a"), "b": recorder("b")}, calls=2, warmup=1)
+    assert [n for n, _ in log] == ["plain"] * 3 + ["a"] * 3 + ["b"] * 3 + ["plain"] * 3
+    assert all(mode for _, mode in log)
+    assert set(out) == {"plain", "a", "b"} and out["plain"]["n"] == 4 and out["a"]["n"] == 2
+    with pytest.raises(ValueError, match="calls"):
+        time_user_loop(recorder("plain"), {}, calls=0)
+    assert task_sets(torch.tensor([[1, -1], [0, 1], [1, -1]])) == {"0+1": 1, "1": 2}
+
+
+def _load_bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_user_loop_script_and_ab_rows_tiny(tmp_path, monkeypatch):
+    """bench/user_loop.py, bench/loop_vs_bench.py and bench/warm_cache_ab.py run end to end on a tiny model
+    (structure, not timings)."""
+    user_loop = _load_bench_script("user_loop")
+    out = user_loop.main(["--model", "tiny", "--tasks", "2", "--batch", "3", "--calls", "1"])
+    assert out["top1_ratio"] > 0 and out["topk_ratio"] > 0
+    assert all(sum(sets.values()) == 3 for sets in out["tasks_routed_to"].values())
+    ab = _load_bench_script("loop_vs_bench")
+    report = ab.main(["--model", "tiny", "--tasks", "2", "--batch", "3", "--rounds", "2", "--calls", "1",
+                      "--repeat", "1", "--malloc", "default", "--out", str(tmp_path / "ab.json")])
+    for mode in ("top1", "topk"):
+        for row in ("bench", "forced-as-routed", "routed", "routed+inference", "merge+routed+inference"):
+            r = report["runs"][0]["rows"][f"{mode}:{row}"]
+            assert len(r["samples_ms"]) == 2 and r["paired_ratio_to_plain"]["median"] > 0
+    assert set(report["runs"][0]["user_procedure"][0]["ratio"]) == {"top1", "topk"}
+    assert (tmp_path / "ab.json").exists()
+    warm = _load_bench_script("warm_cache_ab").main(["--model", "tiny", "--tasks", "2", "--batch", "3", "--rounds",
+                                                     "2", "--repeat", "1", "--malloc", "default"])
+    run = warm["runs"][0]
+    assert all(len(s) == 2 for s in run["samples_ms"].values()) and set(run["paired_ratios"]) == set(
+        _load_bench_script("warm_cache_ab").RATIOS)
+
+
 def _load_microbench():
     spec = importlib.util.spec_from_file_location("microbench", os.path.join(ROOT, "bench", "microbench.py"))
     mod = importlib.util.module_from_spec(spec)

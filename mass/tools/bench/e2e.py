@@ -17,7 +17,10 @@ Rows (same inputs, same run, timed in interleaved rounds on CPU, ``triton.testin
 
 Task mix: ``mixed`` assigns sample i to task i mod T in every row (the router still runs and is paid for; its
 decision is replaced, because routing on random weights means nothing); ``router`` uses the router's decision
-(on random weights it usually sends the whole batch to one task, which favours the per-group rows).
+(on random weights it usually sends the whole batch to one task, which favours the per-group rows); ``user``
+times plain and the ours rows the way a user's own loop does (:mod:`mass.tools.bench.user_timing`:
+``model(images)`` under ``inference_mode``, the model's own routing, one block per model with the plain model
+before and after, no pairing), the other rows are not timed in that mix.
 ``ours`` runs once per router mode (``--router-mode``, default ``top1`` and the paper's default ``topk``), in
 the same interleaved rounds, on one model. In a mixed batch the ``topk`` row forces every sample onto a
 two-task set {i mod T, i+1 mod T} (TSV-M over the pair, the two-slot path): the most expensive case of that
@@ -218,6 +221,11 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
     for batch in batches:
         x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device=device, dtype=dtype)
         for mix in args.mix:
+            if mix == "user":  # the model routes itself, each model timed in its own block (user_timing)
+                results += user_mix_rows(dict(model=name, n_tasks=n_tasks, batch=batch, mix=mix, dtype=args.dtype,
+                                              setup_s=setup_s), x, plain, views, early, args, device, stored,
+                                         resident, mm)
+                continue
             with torch.no_grad():
                 routed = top1.route(pixel_values=x).task_ids[:, 0]
             ids = torch.arange(batch, device=device) % n_tasks if mix == "mixed" else routed
@@ -300,6 +308,45 @@ def bench_model(name: str, n_tasks: int, batches: Sequence[int], args, device: t
         torch.cuda.empty_cache()
 
 
+def user_mix_rows(base: dict, x: torch.Tensor, plain, views: dict, early: dict, args, device, stored: dict,
+                  resident, mm) -> list:
+    """The ``user`` mix: plain and every ours row (each router mode, each early view) called as a user's loop
+    calls them, ``model(images)`` under inference mode with the model's own routing, each timed in its own
+    block (:func:`mass.tools.bench.user_timing.time_user_loop`: ``--warmup`` calls, then ``--repeats``)."""
+    from mass.tools.bench.user_timing import in_inference_mode, task_sets, time_user_loop
+
+    models = {f"ours@{mode}": view for mode, view in views.items()} if "ours" in args.providers else {}
+    models.update(early if "ours" in args.providers else {})
+    calls = {key: (lambda view=view: _embedding(view(pixel_values=x))) for key, view in models.items()}
+    floor = lambda: _embedding(plain(pixel_values=x))  # noqa: E731
+    timings = time_user_loop(floor, calls, calls=args.repeats, warmup=args.warmup, device=device)
+    held = resident()
+    cached = tensor_bytes(*mm.cached_tensors())
+    rows = []
+    for key, timing in timings.items():
+        p, _, mode = key.partition("@")
+        mode, _, variant = mode.partition("@")
+        view = models.get(key)
+        rec = dict(base, router_mode=mode or None, routing_layer=None if view is None else view.routing_layer,
+                   task_groups=None, provider=p, status="ok", reason=None, **timing)
+        if view is not None:
+            with torch.inference_mode():
+                sets = task_sets(view.route(pixel_values=x).task_ids)
+            rec.update(task_groups=len(sets), task_sets=sets, cached_bytes=cached,
+                       reason="routed by the model: " + ", ".join(
+                           f"{n} on task{'s' if '+' in s else ''} {s}" for s, n in sets.items()))
+            if variant:
+                rec.update(variant=variant, reuse_prefix=view.reuse_prefix)
+        rec["stored_vs_pretrained"] = stored[p]
+        rec["resident_bytes"] = held[p]
+        rec["paired_ratio_to_plain"] = None  # blocks, not rounds: nothing to pair
+        if args.memory:
+            rec["memory"] = peak_memory(in_inference_mode(calls.get(key, floor)), device)
+        rows.append(rec)
+        _print(rec)
+    return rows
+
+
 def early_views(mm, top1, args, image_size: int, device, dtype) -> dict:
     """Top-1 routed models timed beside the others (issue 25): ``--routing-layers`` (each block, and with
     ``--reuse-prefix`` the same block with prefix reuse) and ``--router-preset fast`` (``RouterConfig.fast()``,
@@ -372,7 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, choices=list(MODEL_CONFIGS))
     p.add_argument("--tasks", nargs="+", type=int, default=None, help="T values (default 8 14 20)")
     p.add_argument("--batches", nargs="+", type=int, default=None)
-    p.add_argument("--mix", nargs="+", default=None, choices=["mixed", "router"])
+    p.add_argument("--mix", nargs="+", default=None, choices=["mixed", "router", "user"],
+                   help="mixed: tasks forced i mod T; router: the router's choice (both in interleaved, paired "
+                        "rounds under no_grad); user: plain and ours timed as a user's loop times them "
+                        "(inference_mode, the model's own routing, one block per model, plain before and after)")
     p.add_argument("--router-mode", nargs="+", default=["top1", "topk"], choices=["top1", "topk", "weighted"],
                    help="router modes of the 'ours' rows (default both top1 and the paper's default topk)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
@@ -407,9 +457,9 @@ def _resolve(args) -> torch.device:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    quick = dict(models=["B32"], tasks=[8], batches=[1, 8, 16], mix=["mixed"], repeats=9, max_time=240.0)
-    full = dict(models=["B32", "B16", "L14"], tasks=[8, 14, 20], batches=[1, 8, 32, 128], mix=["mixed", "router"],
-                repeats=10, max_time=600.0)
+    quick = dict(models=["B32"], tasks=[8], batches=[1, 8, 16], mix=["mixed", "user"], repeats=9, max_time=240.0)
+    full = dict(models=["B32", "B16", "L14"], tasks=[8, 14, 20], batches=[1, 8, 32, 128],
+                mix=["mixed", "router", "user"], repeats=10, max_time=600.0)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -548,6 +598,15 @@ def summary_markdown(report: dict, stem: str) -> str:
               "Resident bytes of ours/authors include the TSV-M weights of every block (built with "
               "keep_merged='all' so the authors' full merged pass can run on the same object); the default "
               "keep_merged='prefix' holds them only up to the routing block."]
+    if any(r["mix"] == "user" for r in report["results"]):
+        lines += ["", "Mix `user`: the rows a user's own timing loop sees (`bench/user_loop.py`): `model(images)` "
+                      "under `torch.inference_mode()`, routed by the model itself (its note says to which tasks; "
+                      "on random weights usually one task or one task set for the whole batch), each model "
+                      "timed in its own block (warm-up, then the median of the block), the plain model before "
+                      "and after the routed ones; × plain = routed median / mean of the two plain medians "
+                      "(`plain_before_ms`, `plain_after_ms` in the JSON). No rounds, so no paired ratio. The "
+                      "other mixes time interleaved rounds under `no_grad`; README \"What `mass bench` times\" "
+                      "says what separates them."]
     cached = [r for r in report["results"] if r.get("cached_bytes")]
     if cached:
         most = max(cached, key=lambda r: r["cached_bytes"])
