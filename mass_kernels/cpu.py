@@ -1,6 +1,7 @@
 """The CPU (PyTorch) production paths of the two hot-path ops: the accurate routing residuals, the masked
 ``lowrank_linear`` (any K; also the PyTorch fallback on CUDA) and the grouped fast path over row segments that
-``mass.layers`` calls directly. The test oracles and error bounds live apart, in :mod:`mass_kernels.reference`.
+``mass.layers`` calls directly, and ``dense_delta_linear`` (whole per-row weight deltas, grouped inside the op).
+The test oracles and error bounds live apart, in :mod:`mass_kernels.reference`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 with fake (meta) implementations, so ``torch.compile`` and CUDA-graph capture see one op each instead of
 tracing into the dispatch, the grouping and the Triton launchers (which broke graphs). The real
 implementation picks the PyTorch or Triton path (:func:`select_impl`) and, on the Triton path, the measured
-``lowrank_linear`` candidate (:mod:`mass_kernels.candidates`).
+``lowrank_linear`` candidate (:mod:`mass_kernels.candidates`). A third op, ``torch.ops.mass.dense_delta_linear``
+(PyTorch only), lets the patch embedding group its rows by task inside an op when ``torch.compile`` traces the
+CPU second pass (grouping in traced code would read values back: a graph break).
 
 No ``from __future__ import annotations`` here: ``torch.library.custom_op`` reads the annotations as types.
 """
