@@ -24,11 +24,8 @@ a near-tie may route differently). The compile time of each row (first call) is 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -38,24 +35,7 @@ from mass.method.router import RouterConfig
 from mass.method.synthetic import random_decomposition
 from mass.nn.model import MASSModel, extract_embedding
 from mass.tools.bench.models import build_clip
-from mass.tools.common import paired_ratio, time_providers
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
+from mass.tools.common import environment, paired_ratio, time_providers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,44 +80,41 @@ def main(argv=None) -> dict:
         p.error("--device cuda: no CUDA device here")
 
     plain, model, views, x = build(args)
-    load_before = os.getloadavg()
+    env = environment(x.device)  # device, commit, date, threads, versions, load average before the run
     forced = (torch.arange(args.batch) % args.tasks).to(x.device)
-    eager = {"plain": lambda: extract_embedding(plain(pixel_values=x)),
-             "forced": lambda: extract_embedding(model(pixel_values=x, task_ids=forced))}
-    for name, view in views.items():
-        eager[name] = lambda view=view: extract_embedding(view(pixel_values=x))
+    modules = {"plain": plain, "forced": model, **views}
+
+    def call(name, module):
+        """One timed call of a row: the forced row passes the tasks, the routed rows route themselves and return
+        their routing (the signature the compile check below traces, so the timed call reuses its graph)."""
+        if name == "plain":
+            return lambda: extract_embedding(module(pixel_values=x))
+        if name == "forced":
+            return lambda: extract_embedding(module(pixel_values=x, task_ids=forced))
+        return lambda: extract_embedding(module(pixel_values=x, return_routing=True)[0])
 
     options = dict(fullgraph=True, backend=args.backend, mode=args.mode)
-    compiled_modules = {"plain": torch.compile(plain, **options), "forced": torch.compile(model, **options)}
-    compiled_modules.update({name: torch.compile(view, **options) for name, view in views.items()})
-    compiled, checks = {}, {}
+    compiled_modules = {name: torch.compile(module, **options) for name, module in modules.items()}
+    checks = {}
     with torch.inference_mode():
         for name, module in compiled_modules.items():
             t0 = time.perf_counter()
-            if name == "plain":
-                out, want = module(pixel_values=x), plain(pixel_values=x)
-            elif name == "forced":
-                out, want = module(pixel_values=x, task_ids=forced), model(pixel_values=x, task_ids=forced)
-            else:
+            if name in views:  # compared with eager on the compiled call's own routing (a near-tie may differ)
                 out, routing = module(pixel_values=x, return_routing=True)
-                want = views[name](pixel_values=x, task_ids=routing.task_ids)
-            got, ref = extract_embedding(out), extract_embedding(want)
-            rel = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())  # (a host sync)
+                got, want = extract_embedding(out), extract_embedding(views[name](pixel_values=x,
+                                                                                  task_ids=routing.task_ids))
+            else:
+                got, want = call(name, module)(), call(name, modules[name])()
+            rel = float((got.float() - want.float()).abs().max() / want.float().abs().max())  # (a host sync)
             compile_s = time.perf_counter() - t0
             checks[name] = {"compile_s": compile_s, "max_rel_diff_vs_eager": rel}
             print(f"{name:>8} compiled in {compile_s:.1f}s; max |compiled - eager| / max|eager| = {rel:.2e}",
                   flush=True)
-            if name == "plain":
-                compiled[name + " compiled"] = lambda m=module: extract_embedding(m(pixel_values=x))
-            elif name == "forced":
-                compiled[name + " compiled"] = lambda m=module: extract_embedding(m(pixel_values=x, task_ids=forced))
-            else:
-                compiled[name + " compiled"] = lambda m=module: extract_embedding(m(pixel_values=x))
 
     fns = {}
-    for name in eager:
-        fns[name] = eager[name]
-        fns[name + " compiled"] = compiled[name + " compiled"]
+    for name in modules:
+        fns[name] = call(name, modules[name])
+        fns[name + " compiled"] = call(name, compiled_modules[name])
     with torch.inference_mode():
         timings = time_providers(fns, x.device, repeats=args.repeats, warmup=args.warmup)
     floor = timings["plain"]
@@ -152,15 +129,9 @@ def main(argv=None) -> dict:
             row.update(checks[base])
             row["speedup_vs_eager"] = timings[base]["median_ms"] / t["median_ms"]
         rows.append(row)
-    report = {
-        "what": "torch.compile(fullgraph=True) of a MASSModel (top-1 routed / forced) against eager",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu",
-        "load_average_before": load_before, "torch": torch.__version__, "python": sys.version.split()[0],
-        "config": vars(args), "command": command, "rows": rows,
-    }
-    report["load_average_after"] = os.getloadavg()
+    report = {"what": "torch.compile(fullgraph=True) of a MASSModel (top-1 routed / forced) against eager",
+              "environment": env, "load_average_after": os.getloadavg(), "config": vars(args), "command": command,
+              "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
@@ -171,13 +142,13 @@ def main(argv=None) -> dict:
 
 
 def markdown(report: dict) -> str:
-    c = report["config"]
+    c, env = report["config"], report["environment"]
     lines = [f"# torch.compile of the routed model: {c['model']}, T = {c['tasks']}, batch {c['batch']}, {c['dtype']}, "
-             f"backend {c['backend']}, mode {c['mode'] or 'default'}, device {report['device']}", "",
-             f"{report['date']}, commit {report['commit']}, {report['cpu']}, {report['threads']} threads, torch "
-             f"{report['torch']}; load average before {report['load_average_before'][0]:.2f}, after "
-             f"{report['load_average_after'][0]:.2f}. Command: `{report['command']}` ("
-             + ("triton.testing.do_bench per row" if report["device"] != "cpu" else
+             f"backend {c['backend']}, mode {c['mode'] or 'default'}, device {env['device']}", "",
+             f"{env['date']}, commit {env['git_commit']}, {env['torch_threads']} threads, torch {env['torch']}; "
+             f"load average before {env['loadavg_at_start'][0]:.2f}, after {report['load_average_after'][0]:.2f}. "
+             f"Command: `{report['command']}` ("
+             + ("triton.testing.do_bench per row" if env["device_type"] == "cuda" else
                 f"interleaved rounds, {c['repeats']} timed after {c['warmup']} warm-up") + ").", "",
              "| row | median ms [p20, p80] | × eager plain (paired) | compiled / eager speed-up | compile s | "
              "max rel diff vs eager |", "|---|---|---|---|---|---|"]
