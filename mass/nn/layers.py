@@ -469,19 +469,11 @@ class MASSConv2d(_TaskModule):
         B = x.shape[0]
         p = self.state.current
         bank = p.banks(self)
-        one_slot = p.entries.shape[1] == 1
-        if one_slot:  # top-1: gather each sample's delta as stored and scale the (smaller) conv output instead
-            entry = p.entries[:, 0].clamp_min(0)
-            scale = (p.weights[:, 0] * (p.entries[:, 0] >= 0)).to(x.dtype).view(B, 1, 1, 1)
-            w = bank.task_weight.index_select(0, entry).to(x.dtype)
-            b = None if bank.task_bias is None else bank.task_bias.index_select(0, entry).to(x.dtype).reshape(-1)
-        else:
-            w = p.sample_delta(bank.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
-            b = None if bank.task_bias is None else p.sample_delta(bank.task_bias).to(x.dtype).reshape(-1)
+        w = p.sample_delta(bank.task_weight).to(x.dtype)  # (B, out, in/groups, kh, kw)
+        b = None if bank.task_bias is None else p.sample_delta(bank.task_bias).to(x.dtype).reshape(-1)
         out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), b, self.stride, self.padding,
                        self.dilation, self.groups * B)
-        out = out.view(B, -1, *out.shape[2:])
-        return out * scale if one_slot else out
+        return out.view(B, -1, *out.shape[2:])
 
 
 class MASSMultiheadAttention(_TaskModule):
