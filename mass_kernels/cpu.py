@@ -107,14 +107,22 @@ def lowrank_linear_grouped_torch(x, weight, bias, U, S, V, row_tasks, row_weight
         x, weight, U, S, V = (t.float() for t in (x, weight, U, S, V))
         bias = None if bias is None else bias.float()
         task_bias = None if task_bias is None else task_bias.float()
-    order, segments = group_rows(tasks[:, None])
     weights = None if row_weights is None else row_weights.reshape(-1, 1)
-    if order is None:  # already in task order (e.g. a task-homogeneous batch): no row copies
-        return lowrank_linear_segments_torch(x, weight, bias, U, S, V, segments, weights, task_bias).to(dtype)
-    weights = None if weights is None else weights.index_select(0, order)
-    y_sorted = lowrank_linear_segments_torch(x.index_select(0, order), weight, bias, U, S, V, segments, weights,
-                                             task_bias)
-    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).to(dtype)
+    y = rows_by_entry(x, tasks, weights, lambda xs, segments, ws: lowrank_linear_segments_torch(
+        xs, weight, bias, U, S, V, segments, ws, task_bias))
+    return y.to(dtype)
+
+
+def rows_by_entry(x: torch.Tensor, entries: torch.Tensor, row_weights, run) -> torch.Tensor:
+    """``run(x_sorted, segments, row_weights_sorted)`` over the rows of x sorted by their one entry (N,), stably
+    (one host sync, :func:`group_rows`), its output rows put back in x's order. Rows already in entry order
+    (e.g. a task-homogeneous batch, or a batch sorted beforehand) are not copied."""
+    order, segments = group_rows(entries.reshape(-1, 1))
+    if order is None:
+        return run(x, segments, row_weights)
+    row_weights = None if row_weights is None else row_weights.index_select(0, order)
+    y_sorted = run(x.index_select(0, order), segments, row_weights)
+    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
 
 
 def group_rows(ids: torch.Tensor) -> tuple:
@@ -345,10 +353,6 @@ def dense_delta_linear_torch(x, weight, bias, deltas, row_entries, row_weights, 
     deltas ``(E, out, in)`` (the patch embedding's): rows grouped by entry (one host sync, free on the CPU; the
     op is opaque to ``torch.compile``), each group one GEMM of :func:`dense_delta_segments_torch`, the rows put
     back in order. Row weights of 1 are not applied."""
-    order, segments = group_rows(row_entries.view(-1, 1))
     weights = None if bool((row_weights == 1).all()) else row_weights.view(-1, 1)
-    if order is None:
-        return dense_delta_segments_torch(x, weight, bias, deltas, segments, weights, task_bias)
-    weights = None if weights is None else weights.index_select(0, order)
-    y_sorted = dense_delta_segments_torch(x.index_select(0, order), weight, bias, deltas, segments, weights, task_bias)
-    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+    return rows_by_entry(x, row_entries, weights, lambda xs, segments, ws: dense_delta_segments_torch(
+        xs, weight, bias, deltas, segments, ws, task_bias))

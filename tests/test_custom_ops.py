@@ -7,6 +7,7 @@ import mass_kernels
 import mass_kernels.lowrank as lowrank_mod
 from mass_kernels.reference import lowrank_error_bound, lowrank_linear_exact, routing_error_bound, routing_residuals_exact
 
+from _tolerances import U32, gamma
 from conftest import DEVICE  # conftest also switches on the Triton interpreter when there is no GPU
 
 
@@ -136,7 +137,7 @@ def test_routing_op_on_the_triton_path(triton_path):
 
 
 # ---------------------------------------------------------------------------------------------- dense_delta_linear
-U32, HALF_U = 2.0 ** -24, {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+HALF_U = {torch.float32: U32, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff per dtype
 
 
 @pytest.mark.parametrize("N,d_in,E", [(1, 100, 1), (7, 100, 3), (38, 51, 20), (5, 12, 4)])
@@ -168,8 +169,7 @@ def test_dense_delta_linear_matches_the_exact_rows(N, d_in, E, dtype, task_bias)
         extra = (tbd[e] if (tbd is not None and e >= 0) else torch.zeros(d_out, dtype=torch.float64))
         want[r] = xd[r] @ Wd.T + bd + wd[r] * (xd[r] @ delta.T + extra)
         scale[r] = xd[r].abs() @ (Wd.abs() + delta.abs()).T + bd.abs() + extra.abs()
-    n = d_in + 2
-    bound = (n * U32 / (1 - n * U32) + 4 * HALF_U[dtype]) * scale
+    bound = (gamma(d_in + 2) + 4 * HALF_U[dtype]) * scale
     err = (got.double() - want).abs()
     assert bool((err <= bound).all()), float((err - bound).max())
 
